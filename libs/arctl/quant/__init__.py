@@ -1,0 +1,78 @@
+"""Quantization math: pure functions of torch tensors, one family per module.
+
+``quantize`` gives the stored form (codes, scales, zeros), ``dequantize`` reads it back, and
+``fake_quantize`` is their differentiable composition (straight-through rounding) used by tuning.
+Imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from arctl.quant.floating import (
+    dequantize_fp8,
+    dequantize_mx,
+    dequantize_nvfp4,
+    fake_quantize_fp8,
+    fake_quantize_mx,
+    fake_quantize_nvfp4,
+    quantize_fp8,
+    quantize_mx,
+    quantize_nvfp4,
+)
+from arctl.quant.grouping import SchemeShapeError
+from arctl.quant.integer import dequantize_int, fake_quantize_int, quantize_int
+from arctl.quant.tensors import QuantizedTensor
+from arctl.schemes import DataType, Scheme
+
+__all__ = ["QuantizedTensor", "SchemeShapeError", "dequantize", "fake_quantize", "quantize"]
+
+_QUANTIZE: dict[DataType, Callable[..., QuantizedTensor]] = {
+    "int": quantize_int,
+    "mxfp": quantize_mx,
+    "nvfp": quantize_nvfp4,
+    "fp8": quantize_fp8,
+}
+_DEQUANTIZE: dict[DataType, Callable[[QuantizedTensor], torch.Tensor]] = {
+    "int": dequantize_int,
+    "mxfp": dequantize_mx,
+    "nvfp": dequantize_nvfp4,
+    "fp8": dequantize_fp8,
+}
+_FAKE_QUANTIZE: dict[DataType, Callable[..., torch.Tensor]] = {
+    "int": fake_quantize_int,
+    "mxfp": fake_quantize_mx,
+    "nvfp": fake_quantize_nvfp4,
+    "fp8": fake_quantize_fp8,
+}
+
+
+def _require_quantized(scheme: Scheme) -> None:
+    if not scheme.quantized:
+        raise ValueError(f"{scheme.name} is not a quantized scheme")
+
+
+def quantize(weight: torch.Tensor, scheme: Scheme) -> QuantizedTensor:
+    """Round-to-nearest quantization of ``weight`` ``[out, in]`` with ``scheme``."""
+    _require_quantized(scheme)
+    return _QUANTIZE[scheme.dtype](weight, scheme)
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    """float32 ``[out, in]`` values of a QuantizedTensor."""
+    _require_quantized(qt.scheme)
+    return _DEQUANTIZE[qt.scheme.dtype](qt)
+
+
+def fake_quantize(
+    weight: torch.Tensor,
+    scheme: Scheme,
+    offset: torch.Tensor | None = None,
+    max_factor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize with straight-through rounding; BF16 rounds to bfloat16."""
+    if not scheme.quantized:
+        return weight.to(torch.bfloat16).to(weight.dtype)
+    return _FAKE_QUANTIZE[scheme.dtype](weight, scheme, offset=offset, max_factor=max_factor)

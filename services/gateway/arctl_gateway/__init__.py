@@ -1,0 +1,1 @@
+"""arctl_gateway."""
