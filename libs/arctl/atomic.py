@@ -25,6 +25,19 @@ def _check_parent(final: Path) -> Path:
     return parent
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_readable(folder: Path) -> None:
+    """Give the finished tree the permissions a plain mkdir/open would have (mkdtemp uses 0700)."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``final``; rename it to ``final`` when the block ends
@@ -37,6 +50,7 @@ def atomic_directory(final: Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
     try:
         yield tmp
+        _make_readable(tmp)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))
             os.replace(final, old / final.name)
@@ -57,6 +71,7 @@ def atomic_write_text(final: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

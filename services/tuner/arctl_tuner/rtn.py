@@ -1,0 +1,89 @@
+"""Round-to-nearest quantization of a whole model from a Plan (SignRound with zero iterations).
+
+The engine: domain logic on torch modules, no gRPC. Output is a QuantizedCheckpoint folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import arctl
+from arctl.checkpoint import write_checkpoint
+from arctl.models import LoadedModel, quantizable_layers
+from arctl.plan import Plan
+from arctl.progress import Progress, ProgressCallback, ignore_progress
+from arctl.quant import QuantizedTensor, SchemeShapeError, quantize
+
+
+class PlanMismatchError(ValueError):
+    """The plan names layers or shapes the model does not have."""
+
+
+def check_plan_fits(model: nn.Module, plan: Plan) -> None:
+    """Every planned layer exists with the planned shape and its scheme tiles the rows."""
+    known = {layer.name: layer.shape for layer in quantizable_layers(model)}
+    for layer in plan.layers:
+        if layer.name not in known:
+            raise PlanMismatchError(f"plan layer {layer.name} is not a quantizable layer of this model")
+        if known[layer.name] != layer.shape:
+            raise PlanMismatchError(f"plan layer {layer.name} has shape {layer.shape}, the model {known[layer.name]}")
+        if not layer.scheme.fits(layer.shape[1]):
+            raise SchemeShapeError(
+                f"{layer.name}: {layer.scheme.name} groups of {layer.scheme.group_size} do not divide "
+                f"in_features {layer.shape[1]}"
+            )
+
+
+def write_model_files(loaded: LoadedModel, folder: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files of the source model."""
+    loaded.model.config.save_pretrained(str(folder))
+    generation = getattr(loaded.model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(str(folder))
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(str(folder))
+
+
+def quantize_rtn(
+    loaded: LoadedModel,
+    plan: Plan,
+    out_dir: Path,
+    progress: ProgressCallback = ignore_progress,
+) -> Path:
+    """Quantize every planned layer of ``loaded.model`` to nearest and write the checkpoint."""
+    model = loaded.model
+    check_plan_fits(model, plan)
+    started = time.perf_counter()
+    quantized: dict[str, QuantizedTensor] = {}
+    state = dict(model.state_dict())
+    total = len(plan.layers)
+    for index, layer in enumerate(plan.layers, start=1):
+        key = f"{layer.name}.weight"
+        weight = state[key].detach()
+        if layer.scheme.quantized:
+            quantized[layer.name] = quantize(weight, layer.scheme)
+            del state[key]
+        else:
+            state[key] = weight.to(torch.bfloat16)
+        progress(Progress(stage="quantize", completed=index, total=total, message=layer.name))
+    metadata = {
+        "method": "rtn",
+        "iters": 0,
+        "source_model": {"id": loaded.model_id, "sha256": loaded.sha256},
+        "arctl_version": arctl.__version__,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return write_checkpoint(
+        out_dir,
+        plan,
+        quantized,
+        state,
+        lambda folder: write_model_files(loaded, folder),
+        metadata,
+    )
+
+
