@@ -1,0 +1,193 @@
+"""``arctl``: thin commands over the engines. Every flag also reads an ``ARCTL_*`` variable."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from transformers.utils import logging as transformers_logging
+
+from arctl.logs import configure_logging, get_logger
+from arctl.models import DEFAULT_MODEL, load_model
+from arctl.plan import Plan
+from arctl.schemes import get_scheme
+from arctl_cli import render
+from arctl_cli.errors import fail, user_errors_exit_2
+from arctl_cli.evaluate import evaluate_target
+from arctl_cli.inspection import inspect_path
+from arctl_cli.pipeline import EvalSettings, run_quantize
+from arctl_exporter.engine import export
+from arctl_exporter.registry import WRITERS
+from arctl_planner.engine import plan_model, plan_uniform
+
+app = typer.Typer(
+    name="arctl",
+    help="Quantize LLMs to low bits (plan, quantize, export, evaluate) and serve them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = get_logger("arctl.cli")
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", envvar="ARCTL_MODEL", help="HF folder (safetensors), .gguf file, hub id, or 'smollm2'."),
+]
+AvgBitsOpt = Annotated[
+    Optional[float],
+    typer.Option("--avg-bits", envvar="ARCTL_AVG_BITS", help="Target true average bits per weight (scales included)."),
+]
+SchemesOpt = Annotated[
+    Optional[str],
+    typer.Option("--schemes", envvar="ARCTL_SCHEMES", help="Comma-separated candidate schemes, e.g. W4A16G64,W8A16G64."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+DataDirOpt = Annotated[
+    Optional[Path],
+    typer.Option("--data-dir", envvar="ARCTL_DATA_DIR", help="Folder of the offline data sets (default ../shared/data)."),
+]
+SeqlenOpt = Annotated[int, typer.Option("--seqlen", envvar="ARCTL_EVAL_SEQLEN", min=16, help="Evaluation window length.")]
+WindowsOpt = Annotated[
+    int,
+    typer.Option("--eval-windows", envvar="ARCTL_EVAL_WINDOWS", min=0, help="Windows of WikiText-2 test to evaluate (0: all)."),
+]
+
+
+@app.callback()
+def main(
+    log_level: Annotated[str, typer.Option(envvar="ARCTL_LOG_LEVEL", help="debug, info, warning, error")] = "warning",
+    log_format: Annotated[str, typer.Option(envvar="ARCTL_LOG_FORMAT", help="auto, pretty, json")] = "auto",
+) -> None:
+    try:
+        configure_logging(log_level, log_format)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    # arctl draws its own progress; transformers' bars and notices would interleave with it.
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary output is removed on the way out."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _parse_schemes(text: str | None):
+    if not text:
+        return None
+    return [get_scheme(name) for name in text.split(",") if name.strip()]
+
+
+def _make_plan(loaded, avg_bits: float | None, scheme: str | None, schemes: str | None, plan_file: Path | None) -> Plan:
+    chosen = [option for option in (avg_bits is not None, scheme is not None, plan_file is not None) if option]
+    if len(chosen) > 1:
+        raise fail("give only one of --avg-bits, --scheme and --plan")
+    if plan_file is not None:
+        return Plan.load(plan_file)
+    if scheme is not None:
+        return plan_uniform(loaded, get_scheme(scheme))
+    return plan_model(loaded, 4.5 if avg_bits is None else avg_bits, _parse_schemes(schemes))
+
+
+@app.command("plan")
+@user_errors_exit_2
+def plan_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write plan.json.")] = Path("plan.json"),
+    model: ModelOpt = DEFAULT_MODEL,
+    avg_bits: AvgBitsOpt = 4.5,
+    schemes: SchemesOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Choose a scheme per layer for a target average bit-width (true bits)."""
+    _parse_schemes(schemes)
+    loaded = load_model(model)
+    plan = plan_model(loaded, avg_bits if avg_bits is not None else 4.5, _parse_schemes(schemes))
+    plan.save(out)
+    render.plan(plan, out, as_json)
+
+
+@app.command("quantize")
+@user_errors_exit_2
+def quantize_command(
+    out: Annotated[Path, typer.Option("--out", "-o", envvar="ARCTL_OUT", help="Output folder (replaced atomically).")] = Path(
+        "runs/smollm2-4.5bit"
+    ),
+    model: ModelOpt = DEFAULT_MODEL,
+    avg_bits: AvgBitsOpt = None,
+    scheme: Annotated[Optional[str], typer.Option("--scheme", help="One scheme for every layer, e.g. W4A16G64.")] = None,
+    schemes: SchemesOpt = None,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="A plan.json from `arctl plan`.")] = None,
+    formats: Annotated[list[str], typer.Option("--format", "-f", help="Export format (repeatable).")] = ["auto_round"],
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate float vs quantized on WikiText-2.")] = True,
+    seqlen: SeqlenOpt = 2048,
+    eval_windows: WindowsOpt = 8,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Plan, quantize (round to nearest), export and evaluate in one go (default: SmolLM2 at 4.5 bits)."""
+    for name in formats:
+        if name not in WRITERS:
+            raise fail(f"unknown format {name!r}; valid: {', '.join(WRITERS)}")
+    if scheme is not None:
+        get_scheme(scheme)
+    _parse_schemes(schemes)
+    with render.progress_bars(enabled=not as_json) as progress:
+        progress(render.stage("load", f"loading {model}"))
+        loaded = load_model(model)
+        plan = _make_plan(loaded, avg_bits, scheme, schemes, plan_file)
+        settings = EvalSettings(seqlen, eval_windows or None, data_dir) if evaluate else None
+        report = run_quantize(loaded, plan, out, list(formats), settings, progress)
+    render.quantize_report(report, as_json)
+
+
+@app.command("export")
+@user_errors_exit_2
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A QuantizedCheckpoint folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    formats: Annotated[list[str], typer.Option("--format", "-f", help="Export format (repeatable).")] = ["auto_round"],
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a checkpoint in other people's formats."""
+    written = export(checkpoint, list(formats), out)
+    if as_json:
+        typer.echo(json.dumps({name: str(path) for name, path in written.items()}))
+    else:
+        for name, path in written.items():
+            typer.echo(f"{name}: {path}")
+
+
+@app.command("eval")
+@user_errors_exit_2
+def eval_command(
+    target: Annotated[str, typer.Argument(help="A model (folder, .gguf, smollm2, exported folder) or a checkpoint.")],
+    reference: Annotated[
+        Optional[str], typer.Option("--reference", "-r", help="Float model for KL / top-1 (default: a checkpoint's source).")
+    ] = None,
+    seqlen: SeqlenOpt = 2048,
+    eval_windows: WindowsOpt = 8,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """WikiText-2 perplexity, and KL / top-1 agreement against a reference model."""
+    with render.progress_bars(enabled=not as_json) as progress:
+        result = evaluate_target(target, reference, EvalSettings(seqlen, eval_windows or None, data_dir), progress)
+    render.evaluation(result, as_json)
+
+
+@app.command("inspect")
+@user_errors_exit_2
+def inspect_command(
+    path: Annotated[Path, typer.Argument(help="A plan.json or a QuantizedCheckpoint folder.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a plan or a checkpoint: layers, schemes, true average bits, size on disk."""
+    render.inspection(inspect_path(path), as_json)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,133 @@
+"""The vertical slice the CLI composes: plan -> quantize -> export -> evaluate, in one process."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+from torch import nn
+
+from arctl.atomic import atomic_directory
+from arctl.checkpoint import read_checkpoint
+from arctl.data import wikitext2_test_text
+from arctl.evaluation import ComparisonResult, compare_to_reference, tokenize_for_perplexity
+from arctl.models import LoadedModel, load_checkpoint_model
+from arctl.plan import Plan
+from arctl.progress import Progress, ProgressCallback
+from arctl_exporter.engine import export
+from arctl_tuner.rtn import quantize_rtn
+
+CHECKPOINT_DIR = "checkpoint"
+REPORT_FILE = "report.json"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """WikiText-2 test, non-overlapping windows of ``seqlen`` tokens, at most ``windows`` of them
+    (None: the whole test set)."""
+
+    seqlen: int = 2048
+    windows: int | None = 8
+    data_dir: Path | None = None
+
+
+@dataclass
+class QuantizeReport:
+    out_dir: str
+    checkpoint: str
+    exports: dict[str, str]
+    plan: dict[str, Any]
+    checkpoint_bytes: int
+    export_bytes: dict[str, int]
+    evaluation: dict[str, Any] | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    bits = plan.bits
+    return {
+        "target_avg_bits": plan.target_avg_bits,
+        "avg_bits": round(bits.average, 4),
+        "avg_bits_codes_only": round(bits.average_codes_only, 4),
+        "layers": len(plan.layers),
+        "schemes": plan.scheme_counts(),
+    }
+
+
+def evaluate_against(
+    model: nn.Module,
+    reference: nn.Module,
+    tokenizer: Any,
+    text: str,
+    settings: EvalSettings,
+    progress: ProgressCallback,
+) -> ComparisonResult:
+    """Perplexity of both models on ``text`` (WikiText-2 test), KL and top-1 agreement of ``model``
+    to ``reference``."""
+    token_ids = tokenize_for_perplexity(tokenizer, text)
+    return compare_to_reference(
+        model,
+        reference,
+        token_ids,
+        settings.seqlen,
+        max_windows=settings.windows,
+        progress=lambda done, total: progress(Progress("evaluate", done, total)),
+    )
+
+
+def run_quantize(
+    loaded: LoadedModel,
+    plan: Plan,
+    out_dir: Path,
+    formats: list[str],
+    evaluation: EvalSettings | None,
+    progress: ProgressCallback,
+) -> QuantizeReport:
+    """Quantize (round to nearest), export and evaluate into ``out_dir``, all or nothing: the folder
+    appears only when every step has finished."""
+    eval_text = wikitext2_test_text(evaluation.data_dir) if evaluation is not None else ""
+    seconds: dict[str, float] = {}
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        started = time.perf_counter()
+        quantize_rtn(loaded, plan, tmp / CHECKPOINT_DIR, progress)
+        seconds["quantize"] = round(time.perf_counter() - started, 2)
+        checkpoint = read_checkpoint(tmp / CHECKPOINT_DIR)
+        started = time.perf_counter()
+        exports = export(checkpoint.path, formats, tmp / "export") if formats else {}
+        seconds["export"] = round(time.perf_counter() - started, 2)
+        result = None
+        if evaluation is not None:
+            started = time.perf_counter()
+            quantized_model = load_checkpoint_model(checkpoint, dtype=next(loaded.model.parameters()).dtype)
+            comparison = evaluate_against(quantized_model, loaded.model, loaded.tokenizer, eval_text, evaluation, progress)
+            result = {"dataset": "wikitext2-test", **asdict(comparison)}
+            seconds["evaluate"] = round(time.perf_counter() - started, 2)
+            del quantized_model
+        final_exports = {name: out_dir / path.relative_to(tmp) for name, path in exports.items()}
+        report = QuantizeReport(
+            out_dir=str(out_dir),
+            checkpoint=str(out_dir / CHECKPOINT_DIR),
+            exports={name: str(path) for name, path in final_exports.items()},
+            plan=plan_summary(plan),
+            checkpoint_bytes=folder_bytes(checkpoint.path),
+            export_bytes={name: folder_bytes(path) for name, path in exports.items()},
+            evaluation=result,
+            seconds=seconds,
+        )
+        (tmp / REPORT_FILE).write_text(report.to_json(), encoding="utf-8")
+        (tmp / "plan.json").write_text(plan.to_json(), encoding="utf-8")
+    return report
+
+
