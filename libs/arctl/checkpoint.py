@@ -85,17 +85,23 @@ def verify_manifest(folder: Path, kind: str) -> dict[str, Any]:
 
 
 def unique_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop tensors that share storage with an earlier one; return (tensors, {alias: kept name})."""
+    """Drop tensors that are the same view (storage, offset, shape, strides, dtype) as an earlier one, as
+    tied weights are; return (tensors, {alias: kept name})."""
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    seen: dict[tuple[int, tuple[int, ...]], str] = {}
+    seen: dict[tuple[object, ...], str] = {}
+    storages: set[int] = set()
     for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
+        storage = tensor.untyped_storage().data_ptr()
+        key = (storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
         if key in seen:
             aliases[name] = seen[key]
         else:
             seen[key] = name
-            kept[name] = tensor.detach().contiguous()
+            kept_tensor = tensor.detach().contiguous()
+            # Another view of a storage already kept (e.g. two rows of one buffer) is not a tie: copy it.
+            kept[name] = kept_tensor.clone() if storage in storages else kept_tensor
+            storages.add(storage)
     return kept, aliases
 
 

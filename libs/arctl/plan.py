@@ -108,6 +108,11 @@ class Plan:
         extra = set(data) - allowed
         if extra:
             raise PlanError(f"unknown plan keys {sorted(extra)}")
+        layer_keys = {"name", "shape", "scheme", "fused_group"}
+        for entry in data.get("layers") or ():
+            unknown = sorted(set(entry) - layer_keys) if isinstance(entry, dict) else []
+            if unknown:
+                raise PlanError(f"unknown keys {unknown} in plan layer {entry.get('name')!r}")
         try:
             layers = tuple(
                 LayerPlan(
@@ -128,10 +133,11 @@ class Plan:
         except (KeyError, TypeError, IndexError, ValueError) as exc:
             raise PlanError(f"malformed plan: {exc}") from exc
         names = [layer.name for layer in layers]
-        if len(set(names)) != len(names):
-            raise PlanError("a layer appears twice in the plan")
+        repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+        if repeated:
+            raise PlanError(f"layers appear twice in the plan: {repeated}")
         stored = data.get("avg_bits")
-        if stored is not None and abs(float(stored) - plan.avg_bits) > 1e-4:
+        if stored is not None and (not isinstance(stored, int | float) or abs(stored - plan.avg_bits) > 1e-4):
             raise PlanError(f"plan says avg_bits {stored} but its layers add up to {plan.avg_bits:.6f}")
         return plan
 

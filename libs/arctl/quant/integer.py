@@ -23,7 +23,9 @@ from arctl.quant.rounding import round_ste
 from arctl.quant.tensors import QuantizedTensor
 from arctl.schemes import Scheme
 
-FP16_SCALE_FLOOR = 1e-5
+# AutoRound clamps the fp16 scale to 1e-5 in fp16, i.e. to the fp16 value nearest 1e-5 (1.0014e-5); the
+# floor must be representable in fp16, or the stored scale would differ from the one the codes used.
+FP16_SCALE_FLOOR = float(torch.tensor(1e-5, dtype=torch.float16))
 
 
 def _fp16_scale(raw: torch.Tensor) -> torch.Tensor:
