@@ -1,0 +1,43 @@
+"""Writers by format name: one writer per on-disk format, looked up by the name users type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from arctl.checkpoint import QuantizedCheckpoint
+from arctl_exporter.auto_round import AutoRoundWriter
+
+
+class UnknownFormatError(ValueError):
+    """A format name that no writer handles; the message lists the valid names."""
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """Writes a QuantizedCheckpoint in one format.
+
+    ``check`` raises ``ExportError`` for anything the format cannot hold and writes nothing;
+    ``write`` writes ``out_dir`` completely (verified) or not at all and returns it.
+    """
+
+    name: str
+
+    def check(self, checkpoint: QuantizedCheckpoint) -> None: ...
+
+    def write(self, checkpoint: QuantizedCheckpoint, out_dir: Path) -> Path: ...
+
+
+WRITERS: dict[str, Writer] = {writer.name: writer for writer in (AutoRoundWriter(),)}
+
+
+def get_writer(name: str) -> Writer:
+    """The writer for format ``name``.
+
+    Raises:
+        UnknownFormatError: listing every valid format name.
+    """
+    writer = WRITERS.get(name.strip())
+    if writer is None:
+        raise UnknownFormatError(f"unknown export format {name!r}; valid: {', '.join(sorted(WRITERS))}")
+    return writer
