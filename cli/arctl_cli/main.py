@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from transformers.utils import logging as transformers_logging
 
-from arctl.logs import configure_logging, get_logger
+from arctl.logs import configure_logging
 from arctl.models import DEFAULT_MODEL, load_model
 from arctl.plan import Plan
 from arctl.schemes import get_scheme
@@ -30,23 +30,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-log = get_logger("arctl.cli")
+DEFAULT_FORMAT = "auto_round"
 
 ModelOpt = Annotated[
     str,
     typer.Option("--model", "-m", envvar="ARCTL_MODEL", help="HF folder (safetensors), .gguf file, hub id, or 'smollm2'."),
 ]
 AvgBitsOpt = Annotated[
-    Optional[float],
+    float | None,
     typer.Option("--avg-bits", envvar="ARCTL_AVG_BITS", help="Target true average bits per weight (scales included)."),
 ]
 SchemesOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--schemes", envvar="ARCTL_SCHEMES", help="Comma-separated candidate schemes, e.g. W4A16G64,W8A16G64."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 DataDirOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--data-dir", envvar="ARCTL_DATA_DIR", help="Folder of the offline data sets (default ../shared/data)."),
 ]
 SeqlenOpt = Annotated[int, typer.Option("--seqlen", envvar="ARCTL_EVAL_SEQLEN", min=16, help="Evaluation window length.")]
@@ -118,10 +118,10 @@ def quantize_command(
     ),
     model: ModelOpt = DEFAULT_MODEL,
     avg_bits: AvgBitsOpt = None,
-    scheme: Annotated[Optional[str], typer.Option("--scheme", help="One scheme for every layer, e.g. W4A16G64.")] = None,
+    scheme: Annotated[str | None, typer.Option("--scheme", help="One scheme for every layer, e.g. W4A16G64.")] = None,
     schemes: SchemesOpt = None,
-    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="A plan.json from `arctl plan`.")] = None,
-    formats: Annotated[list[str], typer.Option("--format", "-f", help="Export format (repeatable).")] = ["auto_round"],
+    plan_file: Annotated[Path | None, typer.Option("--plan", help="A plan.json from `arctl plan`.")] = None,
+    formats: Annotated[list[str] | None, typer.Option("--format", "-f", help="Export format (repeatable; default auto_round).")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate float vs quantized on WikiText-2.")] = True,
     seqlen: SeqlenOpt = 2048,
     eval_windows: WindowsOpt = 8,
@@ -129,6 +129,7 @@ def quantize_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Plan, quantize (round to nearest), export and evaluate in one go (default: SmolLM2 at 4.5 bits)."""
+    formats = formats or [DEFAULT_FORMAT]
     for name in formats:
         if name not in WRITERS:
             raise fail(f"unknown format {name!r}; valid: {', '.join(WRITERS)}")
@@ -149,10 +150,11 @@ def quantize_command(
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="A QuantizedCheckpoint folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    formats: Annotated[list[str], typer.Option("--format", "-f", help="Export format (repeatable).")] = ["auto_round"],
+    formats: Annotated[list[str] | None, typer.Option("--format", "-f", help="Export format (repeatable; default auto_round).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a checkpoint in other people's formats."""
+    formats = formats or [DEFAULT_FORMAT]
     written = export(checkpoint, list(formats), out)
     if as_json:
         typer.echo(json.dumps({name: str(path) for name, path in written.items()}))
@@ -166,7 +168,7 @@ def export_command(
 def eval_command(
     target: Annotated[str, typer.Argument(help="A model (folder, .gguf, smollm2, exported folder) or a checkpoint.")],
     reference: Annotated[
-        Optional[str], typer.Option("--reference", "-r", help="Float model for KL / top-1 (default: a checkpoint's source).")
+        str | None, typer.Option("--reference", "-r", help="Float model for KL / top-1 (default: a checkpoint's source).")
     ] = None,
     seqlen: SeqlenOpt = 2048,
     eval_windows: WindowsOpt = 8,

@@ -8,13 +8,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from torch import nn
 
 from arctl.atomic import atomic_directory
 from arctl.checkpoint import read_checkpoint
 from arctl.data import wikitext2_test_text
 from arctl.evaluation import ComparisonResult, compare_to_reference, tokenize_for_perplexity
+from arctl.logs import get_logger
 from arctl.models import LoadedModel, load_checkpoint_model
 from arctl.plan import Plan
 from arctl.progress import Progress, ProgressCallback
@@ -23,6 +23,7 @@ from arctl_tuner.rtn import quantize_rtn
 
 CHECKPOINT_DIR = "checkpoint"
 REPORT_FILE = "report.json"
+log = get_logger("arctl.pipeline")
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,12 @@ def run_quantize(
         started = time.perf_counter()
         quantize_rtn(loaded, plan, tmp / CHECKPOINT_DIR, progress)
         seconds["quantize"] = round(time.perf_counter() - started, 2)
+        log.info("quantized", layers=len(plan.layers), avg_bits=round(plan.avg_bits, 4), seconds=seconds["quantize"])
         checkpoint = read_checkpoint(tmp / CHECKPOINT_DIR)
         started = time.perf_counter()
         exports = export(checkpoint.path, formats, tmp / "export") if formats else {}
         seconds["export"] = round(time.perf_counter() - started, 2)
+        log.info("exported", formats=formats, seconds=seconds["export"])
         result = None
         if evaluation is not None:
             started = time.perf_counter()
@@ -114,6 +117,7 @@ def run_quantize(
             comparison = evaluate_against(quantized_model, loaded.model, loaded.tokenizer, eval_text, evaluation, progress)
             result = {"dataset": "wikitext2-test", **asdict(comparison)}
             seconds["evaluate"] = round(time.perf_counter() - started, 2)
+            log.info("evaluated", ppl=round(comparison.ppl, 4), kl=round(comparison.kl, 5), seconds=seconds["evaluate"])
             del quantized_model
         final_exports = {name: out_dir / path.relative_to(tmp) for name, path in exports.items()}
         report = QuantizeReport(

@@ -23,8 +23,8 @@ def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """Set up structlog. ``fmt``: ``auto`` (pretty on a tty, JSON otherwise), ``pretty`` or ``json``.
     Logs go to stderr so that ``--json`` output on stdout stays machine-readable."""
-    numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
+    numeric = logging.getLevelNamesMapping().get(level.upper())
+    if numeric is None:
         raise ValueError(f"unknown log level {level!r}; valid: debug, info, warning, error")
     pretty = sys.stderr.isatty() if fmt == "auto" else fmt == "pretty"
     if fmt not in ("auto", "pretty", "json"):

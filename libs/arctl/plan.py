@@ -99,7 +99,7 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanError(f"not an arctl plan (expected \"format\": \"{PLAN_FORMAT}\")")
         if data.get("version") != PLAN_VERSION:
@@ -145,7 +145,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -156,7 +156,7 @@ class Plan:
         atomic_write_text(Path(path), self.to_json())
 
     @classmethod
-    def load(cls, path: Path) -> "Plan":
+    def load(cls, path: Path) -> Plan:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:

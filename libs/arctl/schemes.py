@@ -96,7 +96,7 @@ class Scheme:
         return {"dtype": self.dtype, "bits": self.bits, "group_size": self.group_size, "sym": self.sym}
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> "Scheme":
+    def from_dict(cls, data: dict[str, object]) -> Scheme:
         allowed = {"dtype", "bits", "group_size", "sym"}
         extra = set(data) - allowed
         if extra:

@@ -48,28 +48,26 @@ def smollm2():
     return load_model("smollm2")
 
 
-def _auto_round_logits(folder: Path, input_ids: torch.Tensor) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16, device_map="cpu")
-    with torch.no_grad():
-        return model(input_ids).logits.float()
-
-
-def _our_logits(checkpoint_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
-    model = load_checkpoint_model(read_checkpoint(checkpoint_dir), dtype=torch.float16)
+def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids).logits.float()
 
 
 def _compare_export(run_dir: Path, tokenizer) -> None:
+    """auto-round computes in float16 on CPU. Its logits must stay as close to our float32
+    fake-quantized model as our own model run in float16 does: the gap is float16 rounding, nothing
+    else (a wrong scale, code or zero in any layer would move logits by whole units)."""
+    theirs_model = AutoModelForCausalLM.from_pretrained(str(run_dir / "export"), dtype=torch.float16, device_map="cpu")
+    checkpoint = read_checkpoint(run_dir / "checkpoint")
+    ours32 = load_checkpoint_model(checkpoint, dtype=torch.float32)
+    ours16 = load_checkpoint_model(checkpoint, dtype=torch.float16)
     for prompt in PROMPTS:
         input_ids = tokenizer(prompt, return_tensors="pt").input_ids
-        theirs = _auto_round_logits(run_dir / "export", input_ids)
-        ours = _our_logits(run_dir / "checkpoint", input_ids)
-        # Both run in float16; the kernels order their sums differently, so the logits agree to
-        # float16 rounding of values of magnitude ~20 (one fp16 ulp at 16..32 is 0.0156).
-        difference = (theirs - ours).abs().max().item()
-        assert difference < 0.1, difference
-        assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+        reference = _logits(ours32, input_ids)
+        fp16_rounding = (_logits(ours16, input_ids) - reference).abs().max().item()
+        difference = (_logits(theirs_model, input_ids) - reference).abs().max().item()
+        assert difference <= 2 * fp16_rounding + 1e-3, (difference, fp16_rounding)
+        assert fp16_rounding < 0.2
 
 
 def test_int4_g64_rtn_export_loads_in_transformers_with_auto_round(smollm2, tmp_path: Path, shared_data: Path) -> None:

@@ -136,7 +136,7 @@ def test_inspect_refuses_a_corrupted_checkpoint(tiny_model_dir: Path, tmp_path: 
 def test_real_process_exit_code_and_message(tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "arctl_cli.main", "plan", "--model", str(tmp_path / "missing")],
-        capture_output=True, text=True, timeout=120,
+        check=False, capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode == 2
     assert completed.stderr.strip().startswith("error: model not found")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from arctl.v1 import common_pb2, exporter_pb2, exporter_pb2_grpc, planner_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from arctl.v1 import common_pb2, exporter_pb2, exporter_pb2_grpc, planner_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GEN_SCRIPT = REPO_ROOT / "scripts" / "gen_proto.py"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 # Magnitudes of FP4 E2M1, indexed by the 3 low bits of a code.
@@ -17,7 +19,7 @@ _TIES_UP = (0.75, 1.75, 3.5)
 
 
 def _fp4_boundaries() -> torch.Tensor:
-    mids = [(a + b) / 2 for a, b in zip(FP4_E2M1_VALUES, FP4_E2M1_VALUES[1:])]
+    mids = [(a + b) / 2 for a, b in itertools.pairwise(FP4_E2M1_VALUES)]
     bounds = torch.tensor(mids, dtype=torch.float32)
     for i, mid in enumerate(mids):
         if mid in _TIES_UP:
