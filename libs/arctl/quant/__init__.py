@@ -54,10 +54,26 @@ def _require_quantized(scheme: Scheme) -> None:
         raise ValueError(f"{scheme.name} is not a quantized scheme")
 
 
-def quantize(weight: torch.Tensor, scheme: Scheme) -> QuantizedTensor:
-    """Round-to-nearest quantization of ``weight`` ``[out, in]`` with ``scheme``."""
+def _learned(scheme: Scheme, offset, min_factor, max_factor) -> dict[str, torch.Tensor | None]:
+    """SignRound's learned parameters as keyword arguments; only ``int`` schemes have a min factor."""
+    if scheme.dtype == "int":
+        return {"offset": offset, "min_factor": min_factor, "max_factor": max_factor}
+    if min_factor is not None:
+        raise ValueError(f"{scheme.name} has no min clipping factor (only int schemes do)")
+    return {"offset": offset, "max_factor": max_factor}
+
+
+def quantize(
+    weight: torch.Tensor,
+    scheme: Scheme,
+    offset: torch.Tensor | None = None,
+    min_factor: torch.Tensor | None = None,
+    max_factor: torch.Tensor | None = None,
+) -> QuantizedTensor:
+    """Quantize ``weight`` ``[out, in]`` with ``scheme``: round to nearest, or with SignRound's
+    learned rounding ``offset`` (``[out, in]``) and clipping factors (``[out, groups]``)."""
     _require_quantized(scheme)
-    return _QUANTIZE[scheme.dtype](weight, scheme)
+    return _QUANTIZE[scheme.dtype](weight, scheme, **_learned(scheme, offset, min_factor, max_factor))
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
@@ -70,9 +86,11 @@ def fake_quantize(
     weight: torch.Tensor,
     scheme: Scheme,
     offset: torch.Tensor | None = None,
+    min_factor: torch.Tensor | None = None,
     max_factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Quantize-dequantize with straight-through rounding; BF16 rounds to bfloat16."""
+    """Quantize-dequantize with straight-through rounding (differentiable in ``offset`` and the
+    clipping factors); BF16 rounds to bfloat16."""
     if not scheme.quantized:
         return weight.to(torch.bfloat16).to(weight.dtype)
-    return _FAKE_QUANTIZE[scheme.dtype](weight, scheme, offset=offset, max_factor=max_factor)
+    return _FAKE_QUANTIZE[scheme.dtype](weight, scheme, **_learned(scheme, offset, min_factor, max_factor))

@@ -48,6 +48,42 @@ def write_model_files(loaded: LoadedModel, folder: Path) -> None:
         loaded.tokenizer.save_pretrained(str(folder))
 
 
+def checkpoint_float_tensors(
+    model: nn.Module, plan: Plan, quantized: dict[str, QuantizedTensor]
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the model except the quantized layers' weights; BF16 layers cast to bfloat16."""
+    state = dict(model.state_dict())
+    for layer in plan.layers:
+        key = f"{layer.name}.weight"
+        if layer.name in quantized:
+            del state[key]
+        elif not layer.scheme.quantized:
+            state[key] = state[key].detach().to(torch.bfloat16)
+    return state
+
+
+def write_quantized_checkpoint(
+    loaded: LoadedModel,
+    plan: Plan,
+    quantized: dict[str, QuantizedTensor],
+    out_dir: Path,
+    metadata: dict[str, object],
+) -> Path:
+    """The QuantizedCheckpoint of ``loaded`` with ``quantized`` layers (atomic)."""
+    return write_checkpoint(
+        out_dir,
+        plan,
+        quantized,
+        checkpoint_float_tensors(loaded.model, plan, quantized),
+        lambda folder: write_model_files(loaded, folder),
+        {
+            **metadata,
+            "source_model": {"id": loaded.model_id, "sha256": loaded.sha256},
+            "arctl_version": arctl.__version__,
+        },
+    )
+
+
 def quantize_rtn(
     loaded: LoadedModel,
     plan: Plan,
@@ -59,31 +95,11 @@ def quantize_rtn(
     check_plan_fits(model, plan)
     started = time.perf_counter()
     quantized: dict[str, QuantizedTensor] = {}
-    state = dict(model.state_dict())
     total = len(plan.layers)
     for index, layer in enumerate(plan.layers, start=1):
-        key = f"{layer.name}.weight"
-        weight = state[key].detach()
         if layer.scheme.quantized:
+            weight = model.get_submodule(layer.name).weight.detach()
             quantized[layer.name] = quantize(weight, layer.scheme)
-            del state[key]
-        else:
-            state[key] = weight.to(torch.bfloat16)
         progress(Progress(stage="quantize", completed=index, total=total, message=layer.name))
-    metadata = {
-        "method": "rtn",
-        "iters": 0,
-        "source_model": {"id": loaded.model_id, "sha256": loaded.sha256},
-        "arctl_version": arctl.__version__,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    return write_checkpoint(
-        out_dir,
-        plan,
-        quantized,
-        state,
-        lambda folder: write_model_files(loaded, folder),
-        metadata,
-    )
-
-
+    metadata = {"method": "rtn", "iters": 0, "seconds": round(time.perf_counter() - started, 3)}
+    return write_quantized_checkpoint(loaded, plan, quantized, out_dir, metadata)

@@ -1,0 +1,84 @@
+"""Tuning settings and the named recipes (AutoRound's defaults, so results compare one to one)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+
+class TuneConfigError(ValueError):
+    """Settings that cannot run (non-positive sizes, unknown recipe, ...)."""
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """SignRound settings.
+
+    Attributes:
+        iters: signed-gradient steps per block; 0 is round-to-nearest.
+        lr: step size at iteration 0 (None: ``1/iters``, ``2/iters`` for <= 3-bit layers when
+            ``iters >= 1000``), decaying linearly to 0.
+        minmax_lr: step size of the clipping factors (None: same as ``lr``).
+        batch_size: calibration samples per step.
+        nsamples, seqlen: calibration samples and their length in tokens.
+        seed: sampling and sample-order seed.
+        enable_minmax_tuning: learn per-group clipping factors as well as rounding offsets.
+        enable_quanted_input: feed each block the previous quantized blocks' outputs.
+        dtype: compute dtype of the block forward and backward passes: ``bfloat16`` (autocast, as
+            AutoRound's default amp) or ``float32``. Quantization math and the loss stay in float32.
+    """
+
+    iters: int = 200
+    lr: float | None = None
+    minmax_lr: float | None = None
+    batch_size: int = 8
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 42
+    enable_minmax_tuning: bool = True
+    enable_quanted_input: bool = True
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.iters < 0:
+            raise TuneConfigError(f"iters must be >= 0, got {self.iters}")
+        for name in ("batch_size", "nsamples", "seqlen"):
+            if getattr(self, name) <= 0:
+                raise TuneConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size > self.nsamples:
+            raise TuneConfigError(f"batch_size {self.batch_size} is larger than nsamples {self.nsamples}")
+        for name in ("lr", "minmax_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise TuneConfigError(f"{name} must be positive, got {value}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise TuneConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+    def lr_for_bits(self, bits: int) -> float:
+        """Initial step size of a layer with ``bits``-bit codes (AutoRound's rule)."""
+        if self.lr is not None:
+            return self.lr
+        if self.iters >= 1000 and bits <= 3:
+            return 2.0 / self.iters
+        return 1.0 / max(self.iters, 1)
+
+    def minmax_lr_for_bits(self, bits: int) -> float:
+        return self.minmax_lr if self.minmax_lr is not None else self.lr_for_bits(bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+RECIPES: dict[str, TuneConfig] = {
+    "rtn": TuneConfig(iters=0),
+    "light": TuneConfig(iters=50, lr=5e-3),
+    "default": TuneConfig(),
+    "best": TuneConfig(iters=1000, nsamples=512),
+}
+
+
+def recipe(name: str, **overrides: Any) -> TuneConfig:
+    """The recipe called ``name`` with ``overrides`` (None values are ignored)."""
+    if name not in RECIPES:
+        raise TuneConfigError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+    return replace(RECIPES[name], **{key: value for key, value in overrides.items() if value is not None})

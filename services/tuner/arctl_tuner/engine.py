@@ -1,0 +1,149 @@
+"""The tuner engine: SignRound block by block over a whole model, from a Plan, to a QuantizedCheckpoint.
+
+For each decoder block in order:
+1. target = float block(float stream)            (the float stream's next value)
+2. tune the block's quantized layers on (quantized stream -> target)   [skipped if already on disk]
+3. quantized stream = block with the tuned fake-quantized weights(quantized stream)
+The model's weights are left as they were. Finished blocks are saved in a work folder, so a killed
+run continues with ``resume=True`` and gives the same checkpoint as an uninterrupted run (every
+block's sample order is seeded by ``seed + block index``). ``iters == 0`` is round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from arctl.data import CalibrationSet
+from arctl.models import LoadedModel, decoder_blocks
+from arctl.plan import LayerPlan, Plan
+from arctl.progress import Progress, ProgressCallback, ignore_progress
+from arctl.quant import QuantizedTensor, dequantize
+from arctl_tuner.blocks import capture_block_inputs, run_block
+from arctl_tuner.config import TuneConfig, TuneConfigError
+from arctl_tuner.resume import BlockStore, fingerprint
+from arctl_tuner.rtn import PlanMismatchError, check_plan_fits, quantize_rtn, write_quantized_checkpoint
+from arctl_tuner.signround import BlockStats, tune_block
+
+
+def default_work_dir(out_dir: Path) -> Path:
+    """Where finished blocks wait for the checkpoint: ``<out>.partial`` beside the output."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{out_dir.name}.partial"
+
+
+@contextmanager
+def fake_quantized(block: nn.Module, block_name: str, layers: list[LayerPlan], quantized: dict[str, QuantizedTensor]) -> Iterator[None]:
+    """Give the block's planned layers their quantized values (BF16 layers: bfloat16-rounded) for
+    the duration; the float weights are put back afterwards."""
+    originals: dict[str, torch.Tensor] = {}
+    prefix = f"{block_name}."
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                module = block.get_submodule(layer.name[len(prefix):])
+                originals[layer.name] = module.weight.detach().clone()
+                if layer.name in quantized:
+                    value = dequantize(quantized[layer.name])
+                else:
+                    value = module.weight.to(torch.bfloat16)
+                module.weight.copy_(value.to(module.weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for layer in layers:
+                if layer.name in originals:
+                    block.get_submodule(layer.name[len(prefix):]).weight.copy_(originals[layer.name])
+
+
+def _layers_by_block(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module, list[LayerPlan]]]:
+    blocks = decoder_blocks(model)
+    grouped = [(name, block, [l for l in plan.layers if l.name.startswith(f"{name}.")]) for name, block in blocks]
+    covered = sum(len(layers) for _, _, layers in grouped)
+    if covered != len(plan.layers):
+        raise PlanMismatchError("the plan has layers outside the decoder blocks, which the tuner does not handle yet")
+    return grouped
+
+
+def tune_model(
+    loaded: LoadedModel,
+    plan: Plan,
+    out_dir: Path,
+    config: TuneConfig,
+    calibration: CalibrationSet | None,
+    progress: ProgressCallback = ignore_progress,
+    work_dir: Path | None = None,
+    resume: bool = False,
+) -> Path:
+    """Quantize ``loaded.model`` by ``plan`` with SignRound and write the checkpoint to ``out_dir``."""
+    if config.iters == 0:
+        return quantize_rtn(loaded, plan, out_dir, progress)
+    if calibration is None:
+        raise TuneConfigError("SignRound needs calibration data (iters > 0)")
+    model = loaded.model
+    check_plan_fits(model, plan)
+    started = time.perf_counter()
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    blocks = _layers_by_block(model, plan)
+    settings = config.to_dict()
+    store = BlockStore(
+        work_dir or default_work_dir(out_dir),
+        fingerprint(loaded.sha256, plan, settings, calibration.input_ids),
+        resume,
+    )
+    inputs = capture_block_inputs(model, blocks[0][1], calibration.input_ids)
+    fp_stream = q_stream = inputs.hidden
+    quantized: dict[str, QuantizedTensor] = {}
+    block_stats: list[dict[str, object]] = []
+    batch = config.batch_size
+    for index, (name, block, layers) in enumerate(blocks):
+        targets = run_block(block, fp_stream, inputs.kwargs, batch, dtype)
+        saved = store.load(index, plan)
+        if saved is None:
+            tuned, stats = tune_block(block, name, layers, q_stream, targets, inputs.kwargs, config, config.seed + index)
+            store.save(index, tuned, stats)
+        else:
+            tuned, stats = saved
+        quantized.update(tuned)
+        if config.enable_quanted_input:
+            with fake_quantized(block, name, layers, tuned):
+                q_stream = run_block(block, q_stream, inputs.kwargs, batch, dtype)
+        else:
+            q_stream = targets
+        fp_stream = targets
+        block_stats.append({"block": name, "resumed": saved is not None, **asdict(stats)})
+        progress(_block_progress(index, len(blocks), name, stats))
+    metadata = {
+        "method": "signround",
+        **settings,
+        "calibration": {
+            "source": calibration.source,
+            "nsamples": calibration.nsamples,
+            "seqlen": calibration.seqlen,
+            "seed": calibration.seed,
+            "mode": calibration.mode,
+            "skipped_short": calibration.skipped_short,
+            "documents_used": calibration.documents_used,
+        },
+        "blocks": block_stats,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    path = write_quantized_checkpoint(loaded, plan, quantized, out_dir, metadata)
+    store.remove()
+    return path
+
+
+def _block_progress(index: int, total: int, name: str, stats: BlockStats) -> Progress:
+    return Progress(
+        stage="tune",
+        completed=index + 1,
+        total=total,
+        message=f"{name}: loss {stats.loss_before:.3g} -> {stats.loss_after:.3g}",
+        metrics={"loss_before": stats.loss_before, "loss_after": stats.loss_after, "seconds": stats.seconds},
+    )

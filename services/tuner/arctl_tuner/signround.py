@@ -1,0 +1,99 @@
+"""SignRound on one decoder block: learn rounding offsets and clipping factors by signed gradient
+descent on the MSE between the quantized block (fed the quantized stream) and the float block's
+output (computed from the float stream).
+
+Per iteration: draw a batch from a shuffled cycle, forward the block with fake-quantized weights,
+MSE to the float target, backward, one signed step per parameter with a linearly decaying step
+size. The loss of iteration ``t`` belongs to the parameters before step ``t``; the parameters of
+the lowest loss are kept (AutoRound's "best iteration").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from arctl.plan import LayerPlan
+from arctl.quant import QuantizedTensor
+from arctl_tuner.blocks import _autocast, block_output
+from arctl_tuner.config import TuneConfig
+from arctl_tuner.signsgd import CyclicSampler, clamp_factors, linear_decay, signed_step
+from arctl_tuner.tunable import TunableLinear, swapped
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """What tuning did to one block: MSE of round-to-nearest (iteration 0) and of the kept
+    parameters, the iteration they come from, and the wall time."""
+
+    loss_before: float
+    loss_after: float
+    best_iter: int
+    seconds: float
+
+
+def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return functional.mse_loss(output.float(), target.float())
+
+
+def tune_block(
+    block: nn.Module,
+    block_name: str,
+    layers: list[LayerPlan],
+    q_inputs: torch.Tensor,
+    targets: torch.Tensor,
+    kwargs: dict[str, Any],
+    config: TuneConfig,
+    seed: int,
+) -> tuple[dict[str, QuantizedTensor], BlockStats]:
+    """Tune the quantized layers of ``block`` and return their stored form and the block's stats.
+
+    ``q_inputs`` and ``targets`` are ``[nsamples, seqlen, hidden]``; the block's own weights are
+    left unchanged.
+    """
+    started = time.perf_counter()
+    prefix = f"{block_name}."
+    tunables = {
+        layer.name[len(prefix):]: TunableLinear(block.get_submodule(layer.name[len(prefix):]), layer.scheme,
+                                                config.enable_minmax_tuning)
+        for layer in layers
+        if layer.scheme.quantized
+    }
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    sampler = CyclicSampler(q_inputs.shape[0], config.batch_size, seed)
+    best_loss, best_iter, loss_before = float("inf"), 0, float("nan")
+    best = {name: t.snapshot() for name, t in tunables.items()}
+    with swapped(block, tunables):
+        for step in range(config.iters):
+            batch = sampler.next()
+            with _autocast(dtype):
+                output = block_output(block, q_inputs[batch], kwargs)
+            loss = _mse(output, targets[batch])
+            loss.backward()
+            value = float(loss.detach())
+            if step == 0:
+                loss_before = value
+            if value < best_loss:
+                best_loss, best_iter = value, step
+                best = {name: t.snapshot() for name, t in tunables.items()}
+            for tunable in tunables.values():
+                bits = tunable.scheme.bits
+                signed_step(tunable.rounding_params(), linear_decay(config.lr_for_bits(bits), step, config.iters))
+                clipping = tunable.clipping_params()
+                signed_step(clipping, linear_decay(config.minmax_lr_for_bits(bits), step, config.iters))
+                clamp_factors(clipping)
+        for name, tunable in tunables.items():
+            tunable.restore(best[name])
+        quantized = {f"{prefix}{name}": tunable.quantized() for name, tunable in tunables.items()}
+    stats = BlockStats(
+        loss_before=loss_before,
+        loss_after=best_loss,
+        best_iter=best_iter,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return quantized, stats

@@ -1,0 +1,79 @@
+"""A linear layer with SignRound's learnable quantization parameters, used while a block is tuned.
+
+For a weight ``[out, in]`` with ``groups`` scale groups per row:
+- ``offset`` ``[out, in]`` (init 0): added to ``w / scale`` before rounding;
+- ``max_factor`` / ``min_factor`` ``[out, groups]`` (init 1, kept in [0, 1]): shrink the group's
+  range before the scale is computed (``min_factor`` only for int schemes).
+The forward pass uses the fake-quantized weight (straight-through rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from arctl.quant import QuantizedTensor, fake_quantize, quantize
+from arctl.schemes import PER_CHANNEL, Scheme
+
+
+class TunableLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, scheme: Scheme, tune_minmax: bool) -> None:
+        super().__init__()
+        self.linear = linear
+        self.scheme = scheme
+        out_features, in_features = linear.weight.shape
+        groups = 1 if scheme.group_size == PER_CHANNEL else scheme.groups(in_features)
+        self.offset = nn.Parameter(torch.zeros(out_features, in_features))
+        self.max_factor = nn.Parameter(torch.ones(out_features, groups)) if tune_minmax else None
+        with_min = tune_minmax and scheme.dtype == "int"
+        self.min_factor = nn.Parameter(torch.ones(out_features, groups)) if with_min else None
+
+    def rounding_params(self) -> list[nn.Parameter]:
+        return [self.offset]
+
+    def clipping_params(self) -> list[nn.Parameter]:
+        return [p for p in (self.min_factor, self.max_factor) if p is not None]
+
+    def qdq_weight(self) -> torch.Tensor:
+        return fake_quantize(self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.qdq_weight()
+        return functional.linear(x, weight.to(x.dtype), None if self.linear.bias is None else self.linear.bias.to(x.dtype))
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """A copy of the learned parameters (to restore the best iteration)."""
+        return [p.detach().clone() for p in (self.offset, self.min_factor, self.max_factor) if p is not None]
+
+    @torch.no_grad()
+    def restore(self, values: list[torch.Tensor]) -> None:
+        params = [p for p in (self.offset, self.min_factor, self.max_factor) if p is not None]
+        for param, value in zip(params, values, strict=True):
+            param.copy_(value)
+
+    @torch.no_grad()
+    def quantized(self) -> QuantizedTensor:
+        """The stored form with the current learned parameters."""
+        return quantize(self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor)
+
+
+@contextmanager
+def swapped(block: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
+    """Put ``replacements`` (relative dotted name -> module) into ``block``; put the originals back after."""
+    originals: dict[str, nn.Module] = {}
+    try:
+        for name, module in replacements.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            originals[name] = getattr(parent, child)
+            setattr(parent, child, module)
+        yield
+    finally:
+        for name, module in originals.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            setattr(parent, child, module)
