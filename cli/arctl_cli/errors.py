@@ -18,6 +18,8 @@ from arctl.quant import SchemeShapeError
 from arctl.schemes import UnknownSchemeError
 from arctl_exporter.errors import ExportError
 from arctl_planner.budget import BudgetError
+from arctl_tuner.config import TuneConfigError
+from arctl_tuner.resume import ResumeMismatchError
 from arctl_tuner.rtn import PlanMismatchError
 
 USAGE_ERROR = 2
@@ -32,7 +34,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     OutputNotWritableError,
     PlanError,
     PlanMismatchError,
+    ResumeMismatchError,
     SchemeShapeError,
+    TuneConfigError,
     UnknownSchemeError,
     UnsafeModelError,
 )

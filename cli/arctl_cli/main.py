@@ -18,10 +18,11 @@ from arctl_cli import render
 from arctl_cli.errors import fail, user_errors_exit_2
 from arctl_cli.evaluate import evaluate_target
 from arctl_cli.inspection import inspect_path
-from arctl_cli.pipeline import EvalSettings, run_quantize
+from arctl_cli.pipeline import EvalSettings, TuneSettings, run_quantize, tune_from_settings
 from arctl_exporter.engine import export
 from arctl_exporter.registry import WRITERS
 from arctl_planner.engine import plan_model, plan_uniform
+from arctl_tuner.config import RECIPES, recipe
 
 app = typer.Typer(
     name="arctl",
@@ -49,7 +50,22 @@ DataDirOpt = Annotated[
     Path | None,
     typer.Option("--data-dir", envvar="ARCTL_DATA_DIR", help="Folder of the offline data sets (default ../shared/data)."),
 ]
-SeqlenOpt = Annotated[int, typer.Option("--seqlen", envvar="ARCTL_EVAL_SEQLEN", min=16, help="Evaluation window length.")]
+SeqlenOpt = Annotated[
+    int, typer.Option("--eval-seqlen", envvar="ARCTL_EVAL_SEQLEN", min=16, help="Evaluation window length.")
+]
+RecipeOpt = Annotated[
+    str, typer.Option("--recipe", envvar="ARCTL_RECIPE", help=f"Tuning recipe: {', '.join(RECIPES)} (rtn: no tuning).")
+]
+ItersOpt = Annotated[int | None, typer.Option("--iters", min=0, help="SignRound steps per block (0: round to nearest).")]
+NsamplesOpt = Annotated[int | None, typer.Option("--nsamples", min=1, help="Calibration samples.")]
+CalibSeqlenOpt = Annotated[int | None, typer.Option("--seqlen", min=8, help="Calibration sample length in tokens.")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Calibration samples per step.")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Initial step size (default 1/iters).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of sample choice and order.")]
+DatasetOpt = Annotated[
+    str, typer.Option("--dataset", envvar="ARCTL_DATASET", help="Calibration text: wikitext2, c4, or a .txt/.jsonl file.")
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run from its last finished block.")]
 WindowsOpt = Annotated[
     int,
     typer.Option("--eval-windows", envvar="ARCTL_EVAL_WINDOWS", min=0, help="Windows of WikiText-2 test to evaluate (0: all)."),
@@ -123,12 +139,22 @@ def quantize_command(
     plan_file: Annotated[Path | None, typer.Option("--plan", help="A plan.json from `arctl plan`.")] = None,
     formats: Annotated[list[str] | None, typer.Option("--format", "-f", help="Export format (repeatable; default auto_round).")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate float vs quantized on WikiText-2.")] = True,
-    seqlen: SeqlenOpt = 2048,
+    eval_seqlen: SeqlenOpt = 2048,
     eval_windows: WindowsOpt = 8,
     data_dir: DataDirOpt = None,
+    recipe_name: RecipeOpt = "rtn",
+    iters: ItersOpt = None,
+    nsamples: NsamplesOpt = None,
+    seqlen: CalibSeqlenOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    dataset: DatasetOpt = "wikitext2",
+    resume: ResumeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Plan, quantize (round to nearest), export and evaluate in one go (default: SmolLM2 at 4.5 bits)."""
+    """Plan, quantize (round to nearest or SignRound), export and evaluate in one go (default: SmolLM2
+    at 4.5 bits, round to nearest)."""
     formats = formats or [DEFAULT_FORMAT]
     for name in formats:
         if name not in WRITERS:
@@ -136,13 +162,47 @@ def quantize_command(
     if scheme is not None:
         get_scheme(scheme)
     _parse_schemes(schemes)
+    tuning = TuneSettings(
+        recipe(recipe_name, iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr, seed=seed),
+        dataset,
+        data_dir,
+        resume,
+    )
     with render.progress_bars(enabled=not as_json) as progress:
         progress(render.stage("load", f"loading {model}"))
         loaded = load_model(model)
         plan = _make_plan(loaded, avg_bits, scheme, schemes, plan_file)
-        settings = EvalSettings(seqlen, eval_windows or None, data_dir) if evaluate else None
-        report = run_quantize(loaded, plan, out, list(formats), settings, progress)
+        settings = EvalSettings(eval_seqlen, eval_windows or None, data_dir) if evaluate else None
+        report = run_quantize(loaded, plan, out, list(formats), settings, progress, tuning)
     render.quantize_report(report, as_json)
+
+
+@app.command("tune")
+@user_errors_exit_2
+def tune_command(
+    plan_file: Annotated[Path, typer.Option("--plan", help="A plan.json from `arctl plan`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write (atomically).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    recipe_name: RecipeOpt = "default",
+    iters: ItersOpt = None,
+    nsamples: NsamplesOpt = None,
+    seqlen: CalibSeqlenOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    dataset: DatasetOpt = "wikitext2",
+    data_dir: DataDirOpt = None,
+    resume: ResumeOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """SignRound: learn rounding and clipping block by block for a plan; write a QuantizedCheckpoint."""
+    config = recipe(recipe_name, iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr, seed=seed)
+    plan = Plan.load(plan_file)
+    with render.progress_bars(enabled=not as_json) as progress:
+        progress(render.stage("load", f"loading {model}"))
+        loaded = load_model(model)
+        path = tune_from_settings(loaded, plan, out, TuneSettings(config, dataset, data_dir, resume), progress)
+    render.inspection(inspect_path(path), as_json)
 
 
 @app.command("export")
@@ -170,14 +230,14 @@ def eval_command(
     reference: Annotated[
         str | None, typer.Option("--reference", "-r", help="Float model for KL / top-1 (default: a checkpoint's source).")
     ] = None,
-    seqlen: SeqlenOpt = 2048,
+    eval_seqlen: SeqlenOpt = 2048,
     eval_windows: WindowsOpt = 8,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """WikiText-2 perplexity, and KL / top-1 agreement against a reference model."""
     with render.progress_bars(enabled=not as_json) as progress:
-        result = evaluate_target(target, reference, EvalSettings(seqlen, eval_windows or None, data_dir), progress)
+        result = evaluate_target(target, reference, EvalSettings(eval_seqlen, eval_windows or None, data_dir), progress)
     render.evaluation(result, as_json)
 
 

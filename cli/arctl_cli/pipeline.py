@@ -12,14 +12,15 @@ from torch import nn
 
 from arctl.atomic import atomic_directory
 from arctl.checkpoint import read_checkpoint
-from arctl.data import wikitext2_test_text
+from arctl.data import calibration_samples, wikitext2_test_text
 from arctl.evaluation import ComparisonResult, compare_to_reference, tokenize_for_perplexity
 from arctl.logs import get_logger
 from arctl.models import LoadedModel, load_checkpoint_model
 from arctl.plan import Plan
 from arctl.progress import Progress, ProgressCallback
 from arctl_exporter.engine import export
-from arctl_tuner.rtn import quantize_rtn
+from arctl_tuner.config import TuneConfig
+from arctl_tuner.engine import default_work_dir, tune_model
 
 CHECKPOINT_DIR = "checkpoint"
 REPORT_FILE = "report.json"
@@ -34,6 +35,30 @@ class EvalSettings:
     seqlen: int = 2048
     windows: int | None = 8
     data_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """How to quantize: ``config.iters == 0`` is round-to-nearest (no calibration data read)."""
+
+    config: TuneConfig = field(default_factory=lambda: TuneConfig(iters=0))
+    dataset: str = "wikitext2"
+    data_dir: Path | None = None
+    resume: bool = False
+
+
+def tune_from_settings(
+    loaded: LoadedModel, plan: Plan, out_dir: Path, settings: TuneSettings, progress: ProgressCallback,
+    work_dir: Path | None = None,
+) -> Path:
+    """Read the calibration samples the settings name (if tuning) and run the tuner engine."""
+    config = settings.config
+    calibration = None
+    if config.iters > 0:
+        calibration = calibration_samples(
+            loaded.tokenizer, settings.dataset, config.nsamples, config.seqlen, config.seed, data_dir=settings.data_dir
+        )
+    return tune_model(loaded, plan, out_dir, config, calibration, progress, work_dir=work_dir, resume=settings.resume)
 
 
 @dataclass
@@ -94,15 +119,17 @@ def run_quantize(
     formats: list[str],
     evaluation: EvalSettings | None,
     progress: ProgressCallback,
+    tuning: TuneSettings | None = None,
 ) -> QuantizeReport:
     """Quantize (round to nearest), export and evaluate into ``out_dir``, all or nothing: the folder
-    appears only when every step has finished."""
+    appears only when every step has finished. Tuned blocks wait in ``<out>.partial`` so that a
+    killed run continues with ``resume``."""
     eval_text = wikitext2_test_text(evaluation.data_dir) if evaluation is not None else ""
     seconds: dict[str, float] = {}
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         started = time.perf_counter()
-        quantize_rtn(loaded, plan, tmp / CHECKPOINT_DIR, progress)
+        tune_from_settings(loaded, plan, tmp / CHECKPOINT_DIR, tuning or TuneSettings(), progress, work_dir=default_work_dir(out_dir))
         seconds["quantize"] = round(time.perf_counter() - started, 2)
         log.info("quantized", layers=len(plan.layers), avg_bits=round(plan.avg_bits, 4), seconds=seconds["quantize"])
         checkpoint = read_checkpoint(tmp / CHECKPOINT_DIR)

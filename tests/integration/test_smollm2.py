@@ -96,7 +96,7 @@ def test_interrupted_quantize_leaves_no_output_folder(tmp_path: Path, shared_dat
     out = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-m", "arctl_cli.main", "quantize", "--scheme", "W4A16G64", "--out", str(out),
-         "--seqlen", "2048", "--eval-windows", "4", "--data-dir", str(shared_data)],
+         "--eval-seqlen", "2048", "--eval-windows", "4", "--data-dir", str(shared_data)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:

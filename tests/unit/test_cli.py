@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from arctl.checkpoint import read_checkpoint
@@ -60,7 +64,7 @@ def test_quantize_with_eval_reports_perplexity_before_and_after(tiny_model_dir: 
     out = tmp_path / "run"
     result = run(
         "quantize", "--model", str(tiny_model_dir), "--avg-bits", "3.0", "--out", str(out),
-        "--seqlen", "64", "--eval-windows", "2", "--data-dir", str(shared_data), "--json",
+        "--eval-seqlen", "64", "--eval-windows", "2", "--data-dir", str(shared_data), "--json",
     )
     assert result.exit_code == 0, result.output
     evaluation = json.loads(result.stdout)["evaluation"]
@@ -141,3 +145,58 @@ def test_real_process_exit_code_and_message(tmp_path: Path) -> None:
     assert completed.returncode == 2
     assert completed.stderr.strip().startswith("error: model not found")
     assert len(completed.stderr.strip().splitlines()) == 1
+
+
+def _words_file(tmp_path: Path) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text("\n".join(" ".join(f"w{(7 * i + j) % 500}" for j in range(80)) for i in range(12)) + "\n")
+    return path
+
+
+def _tune_args(tiny_model_dir: Path, tmp_path: Path, plan: Path, out: Path, iters: int) -> list[str]:
+    return ["tune", "--model", str(tiny_model_dir), "--plan", str(plan), "--out", str(out), "--iters", str(iters),
+            "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--dataset", str(_words_file(tmp_path))]
+
+
+def test_tune_writes_a_signround_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    assert run("plan", "--model", str(tiny_model_dir), "--avg-bits", "3.0", "--out", str(plan)).exit_code == 0
+    result = run(*_tune_args(tiny_model_dir, tmp_path, plan, tmp_path / "ckpt", 4), "--json")
+    assert result.exit_code == 0, result.output
+    metadata = read_checkpoint(tmp_path / "ckpt").metadata
+    assert metadata["method"] == "signround" and metadata["iters"] == 4
+    assert metadata["calibration"]["nsamples"] == 4 and len(metadata["blocks"]) == 2
+
+
+def test_tune_refuses_bad_recipe_and_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    assert run("plan", "--model", str(tiny_model_dir), "--avg-bits", "4.2", "--out", str(plan)).exit_code == 0
+    args = _tune_args(tiny_model_dir, tmp_path, plan, tmp_path / "ckpt", 4)
+    assert_one_line_error(run(*args, "--recipe", "turbo"), "unknown recipe 'turbo'", "light")
+    assert_one_line_error(run(*args[:-6], "--nsamples", "2", "--batch-size", "4"), "larger than nsamples")
+    missing = [*args[:-2], "--dataset", str(tmp_path / "absent.jsonl")]
+    assert_one_line_error(run(*missing), "absent.jsonl")
+
+
+def test_killed_tune_resumes_to_the_same_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    assert run("plan", "--model", str(tiny_model_dir), "--avg-bits", "3.0", "--out", str(plan)).exit_code == 0
+    iters = 400
+    assert run(*_tune_args(tiny_model_dir, tmp_path, plan, tmp_path / "whole", iters)).exit_code == 0
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "arctl_cli.main", *_tune_args(tiny_model_dir, tmp_path, plan, out, iters)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "killed.partial" / "block_0000.safetensors").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not out.exists()
+    resumed = run(*_tune_args(tiny_model_dir, tmp_path, plan, out, iters), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    whole, again = load_file(str(tmp_path / "whole" / "quantized.safetensors")), load_file(str(out / "quantized.safetensors"))
+    assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+    assert [b["resumed"] for b in read_checkpoint(out).metadata["blocks"]] == [True, False]
+    assert not (tmp_path / "killed.partial").exists()

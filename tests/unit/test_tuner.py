@@ -1,0 +1,181 @@
+"""SignRound engine on tiny models: the optimizer pieces, the loss going down, resume equivalence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_tokenizer
+from safetensors.torch import load_file
+
+from arctl.checkpoint import read_checkpoint
+from arctl.data import CalibrationSet
+from arctl.models import LoadedModel, decoder_blocks, load_checkpoint_model
+from arctl.plan import LayerPlan, Plan
+from arctl.schemes import get_scheme
+from arctl_planner.engine import plan_uniform
+from arctl_tuner import engine
+from arctl_tuner.blocks import capture_block_inputs, run_block
+from arctl_tuner.config import RECIPES, TuneConfig, TuneConfigError, recipe
+from arctl_tuner.engine import default_work_dir, tune_model
+from arctl_tuner.resume import ResumeMismatchError
+from arctl_tuner.rtn import PlanMismatchError
+from arctl_tuner.signround import tune_block
+from arctl_tuner.signsgd import CyclicSampler, clamp_factors, linear_decay, signed_step
+
+
+def test_signed_step_moves_each_element_by_lr_against_its_gradient_sign() -> None:
+    param = torch.nn.Parameter(torch.tensor([0.0, 1.0, -1.0, 0.5]))
+    param.grad = torch.tensor([3.0, -0.001, 0.0, -7.0])
+    signed_step([param], 0.25)
+    assert param.tolist() == [-0.25, 1.25, -1.0, 0.75]
+    assert param.grad is None
+
+
+def test_linear_decay_schedule() -> None:
+    assert [linear_decay(0.1, step, 4) for step in range(5)] == pytest.approx([0.1, 0.075, 0.05, 0.025, 0.0])
+    assert linear_decay(0.1, 0, 0) == 0.0
+
+
+def test_clipping_factors_are_kept_in_the_unit_interval() -> None:
+    factor = torch.tensor([-0.2, 0.5, 1.3])
+    clamp_factors([factor])
+    assert factor.tolist() == [0.0, 0.5, 1.0]
+
+
+def test_default_lr_follows_autoround() -> None:
+    assert TuneConfig(iters=200).lr_for_bits(4) == pytest.approx(1 / 200)
+    assert TuneConfig(iters=1000).lr_for_bits(2) == pytest.approx(2 / 1000)
+    assert TuneConfig(iters=1000).lr_for_bits(4) == pytest.approx(1 / 1000)
+    assert TuneConfig(iters=50, lr=5e-3, minmax_lr=1e-2).minmax_lr_for_bits(4) == 1e-2
+    assert RECIPES["light"].iters == 50 and RECIPES["best"].iters == 1000 and RECIPES["default"].nsamples == 128
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"iters": -1}, "iters"), ({"batch_size": 0}, "batch_size"), ({"batch_size": 16, "nsamples": 8}, "larger"),
+     ({"lr": 0.0}, "lr"), ({"dtype": "float16"}, "dtype")],
+)
+def test_bad_settings_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(TuneConfigError, match=message):
+        TuneConfig(**kwargs)
+
+
+def test_unknown_recipe_lists_the_valid_ones() -> None:
+    with pytest.raises(TuneConfigError, match="light, default, best"):
+        recipe("fastest")
+    assert recipe("light", iters=7, lr=None).iters == 7
+
+
+def test_sampler_cycles_through_shuffled_samples_and_is_seeded() -> None:
+    sampler = CyclicSampler(10, 4, seed=3)
+    first_cycle = sampler.next() + sampler.next()
+    assert len(set(first_cycle)) == 8
+    assert len(sampler.next()) == 4  # reshuffled: 2 left are dropped
+    again = CyclicSampler(10, 4, seed=3)
+    assert again.next() + again.next() == first_cycle
+
+
+def _loaded(seed: int = 0) -> LoadedModel:
+    return LoadedModel(tiny_llama(seed=seed), tiny_tokenizer(), "tiny", "sha")
+
+
+def _calibration(n: int = 8, seqlen: int = 32) -> CalibrationSet:
+    ids = torch.randint(4, 512, (n, seqlen), generator=torch.Generator().manual_seed(0))
+    return CalibrationSet(input_ids=ids, source="random", seed=0, mode="documents", skipped_short=0, documents_used=n)
+
+
+def test_tuning_lowers_the_block_loss_below_round_to_nearest() -> None:
+    loaded = _loaded()
+    plan = plan_uniform(loaded, get_scheme("W2A16G32"))
+    name, block = decoder_blocks(loaded.model)[0]
+    inputs = capture_block_inputs(loaded.model, block, _calibration().input_ids)
+    targets = run_block(block, inputs.hidden, inputs.kwargs, 4, torch.float32)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    layers = [layer for layer in plan.layers if layer.name.startswith(f"{name}.")]
+    config = TuneConfig(iters=40, batch_size=8, nsamples=8, seqlen=32, dtype="float32")
+    quantized, stats = tune_block(block, name, layers, inputs.hidden, targets, inputs.kwargs, config, seed=0)
+    assert stats.loss_after < 0.8 * stats.loss_before
+    assert set(quantized) == {layer.name for layer in layers}
+    assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())  # the float block is untouched
+
+
+@pytest.mark.parametrize("scheme", ["W4A16G32", "W3A16G32_ASYM", "MXFP4", "NVFP4", "FP8"])
+def test_every_scheme_tunes_and_beats_rtn_on_the_block_loss(scheme: str, tmp_path: Path) -> None:
+    loaded = _loaded()
+    plan = plan_uniform(loaded, get_scheme(scheme))
+    config = TuneConfig(iters=30, batch_size=4, nsamples=8, seqlen=32, dtype="float32")
+    path = tune_model(loaded, plan, tmp_path / "ckpt", config, _calibration())
+    blocks = read_checkpoint(path).metadata["blocks"]
+    assert all(b["loss_after"] <= b["loss_before"] for b in blocks)
+    assert any(b["loss_after"] < 0.95 * b["loss_before"] for b in blocks)
+    assert not default_work_dir(tmp_path / "ckpt").exists()
+
+
+def test_mixed_plan_inside_one_block(tmp_path: Path) -> None:
+    loaded = _loaded()
+    base = plan_uniform(loaded, get_scheme("W4A16G64"))
+    choices = ["W2A16G32", "MXFP4", "BF16", "W8A16", "NVFP4", "W3A16G32_ASYM", "FP8"]
+    layers = tuple(
+        LayerPlan(layer.name, layer.shape, get_scheme(choices[i % len(choices)]), layer.fused_group)
+        for i, layer in enumerate(base.layers)
+    )
+    plan = Plan(base.model_id, base.model_sha256, layers)
+    config = TuneConfig(iters=5, batch_size=4, nsamples=8, seqlen=32, dtype="float32")
+    checkpoint = read_checkpoint(tune_model(loaded, plan, tmp_path / "ckpt", config, _calibration()))
+    assert set(checkpoint.quantized_tensors()) == {l.name for l in layers if l.scheme.quantized}
+    model = load_checkpoint_model(checkpoint)
+    assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_resume_after_a_crash_gives_the_same_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = TuneConfig(iters=6, batch_size=4, nsamples=8, seqlen=32, dtype="float32")
+    plan = plan_uniform(_loaded(), get_scheme("W3A16G32"))
+    uninterrupted = tune_model(_loaded(), plan, tmp_path / "a", config, _calibration())
+    real = engine.tune_block
+    calls = {"n": 0}
+
+    def crash_on_second_block(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "tune_block", crash_on_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        tune_model(_loaded(), plan, tmp_path / "b", config, _calibration())
+    assert not (tmp_path / "b").exists()
+    assert (default_work_dir(tmp_path / "b") / "block_0000.safetensors").is_file()
+    monkeypatch.setattr(engine, "tune_block", real)
+    resumed = tune_model(_loaded(), plan, tmp_path / "b", config, _calibration(), resume=True)
+    a, b = load_file(str(uninterrupted / "quantized.safetensors")), load_file(str(resumed / "quantized.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    blocks = json.loads((resumed / "metadata.json").read_text())["blocks"]
+    assert [b["resumed"] for b in blocks] == [True, False]
+
+
+def test_resume_refuses_a_work_folder_from_other_settings(tmp_path: Path) -> None:
+    plan = plan_uniform(_loaded(), get_scheme("W4A16G64"))
+    work = default_work_dir(tmp_path / "ckpt")
+    work.mkdir()
+    (work / "run.json").write_text(json.dumps({"fingerprint": "other"}))
+    with pytest.raises(ResumeMismatchError, match="another model, plan, settings or data"):
+        tune_model(_loaded(), plan, tmp_path / "ckpt", TuneConfig(iters=2, batch_size=4, nsamples=8, seqlen=32),
+                   _calibration(), resume=True)
+
+
+def test_plans_that_do_not_fit_the_model_are_refused(tmp_path: Path) -> None:
+    loaded = _loaded()
+    base = plan_uniform(loaded, get_scheme("W4A16G64"))
+    wrong_shape = Plan("m", "s", (LayerPlan(base.layers[0].name, (1, 2), base.layers[0].scheme),))
+    unknown = Plan("m", "s", (LayerPlan("model.layers.9.mlp.up_proj", (256, 128), base.layers[0].scheme),))
+    config = TuneConfig(iters=2, batch_size=4, nsamples=8, seqlen=32)
+    with pytest.raises(PlanMismatchError, match="has shape"):
+        tune_model(loaded, wrong_shape, tmp_path / "a", config, _calibration())
+    with pytest.raises(PlanMismatchError, match="not a quantizable layer"):
+        tune_model(loaded, unknown, tmp_path / "b", config, _calibration())
+    with pytest.raises(TuneConfigError, match="calibration"):
+        tune_model(loaded, base, tmp_path / "c", config, None)
