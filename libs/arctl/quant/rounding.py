@@ -38,8 +38,28 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def round_fp4_magnitude(magnitude: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 magnitude of ``magnitude >= 0``, ties to even, saturating at 6.
+
+    The grid has step 0.5 below 2, 1 from 2 to 4 and 2 from 4 to 6, so rounding ``magnitude / step``
+    half-to-even lands on the value with the even mantissa, as the table rounding in
+    ``_FP4_BOUNDS`` defines it (a test checks both agree on every tie and between).
+    """
+    clipped = magnitude.clamp(max=FP4_MAX)
+    step = torch.where(clipped < 2.0, 0.5, torch.where(clipped < 4.0, 1.0, 2.0))
+    return torch.round(clipped / step) * step
+
+
 def fp4_codes(x: torch.Tensor) -> torch.Tensor:
     """Nearest E2M1 code of each element (saturating at +-6), uint8 nibble: sign << 3 | index."""
+    value = round_fp4_magnitude(x.detach().abs().float())
+    index = torch.where(value < 2.0, value * 2.0, torch.where(value < 4.0, value + 2.0, value / 2.0 + 4.0))
+    sign = ((x.detach() < 0) & (index > 0)).to(torch.uint8) << 3
+    return index.to(torch.uint8) | sign
+
+
+def fp4_codes_by_table(x: torch.Tensor) -> torch.Tensor:
+    """The same codes by table look-up (slow; the definition the fast path is tested against)."""
     index = torch.bucketize(x.detach().abs().float().clamp(max=FP4_MAX), _FP4_BOUNDS.to(x.device))
     sign = (x.detach() < 0).to(torch.uint8) << 3
     return (index.to(torch.uint8) | sign) & torch.where(index == 0, 7, 15).to(torch.uint8)
@@ -53,7 +73,9 @@ def fp4_values(codes: torch.Tensor) -> torch.Tensor:
 
 def round_fp4_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to the E2M1 grid (saturating), straight-through gradient."""
-    return x + (fp4_values(fp4_codes(x)).to(x.dtype) - x).detach()
+    detached = x.detach()
+    rounded = torch.copysign(round_fp4_magnitude(detached.abs()), detached)
+    return x + (rounded.to(x.dtype) - detached)
 
 
 def fp8_e4m3_codes(x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,8 @@ class TuneConfig:
         seed: sampling and sample-order seed.
         enable_minmax_tuning: learn per-group clipping factors as well as rounding offsets.
         enable_quanted_input: feed each block the previous quantized blocks' outputs.
+        search_init_clip: start the clipping factors at the per-group value that minimizes the
+            activation-weighted weight error (instead of 1.0, as AutoRound does).
         dtype: compute dtype of the block forward and backward passes: ``bfloat16`` (autocast, as
             AutoRound's default amp) or ``float32``. Quantization math and the loss stay in float32.
     """
@@ -37,6 +39,7 @@ class TuneConfig:
     seed: int = 42
     enable_minmax_tuning: bool = True
     enable_quanted_input: bool = True
+    search_init_clip: bool = False
     dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ from torch.nn import functional
 
 from arctl.plan import LayerPlan
 from arctl.quant import QuantizedTensor
-from arctl_tuner.blocks import _autocast, block_output
+from arctl_tuner.blocks import _autocast, block_output, run_block
 from arctl_tuner.config import TuneConfig
 from arctl_tuner.signsgd import CyclicSampler, clamp_factors, linear_decay, signed_step
 from arctl_tuner.tunable import TunableLinear, swapped
@@ -35,6 +35,35 @@ class BlockStats:
     loss_after: float
     best_iter: int
     seconds: float
+
+
+CLIP_SEARCH_LOW = 0.6
+CLIP_SEARCH_STEPS = 17
+
+
+def input_second_moments(
+    block: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: dict[str, Any], batch_size: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """``E[x_j^2]`` over every token of the input of each named linear (``[in_features]``), from a
+    forward pass of the float block over ``inputs``."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    handles = [block.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in names]
+    try:
+        run_block(block, inputs, kwargs, batch_size, dtype)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name] / counts[name] for name in names}
 
 
 def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -65,6 +94,11 @@ def tune_block(
         if layer.scheme.quantized
     }
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    if config.search_init_clip and config.enable_minmax_tuning:
+        input_sq = input_second_moments(block, list(tunables), q_inputs, kwargs, config.batch_size, dtype)
+        candidates = torch.linspace(CLIP_SEARCH_LOW, 1.0, CLIP_SEARCH_STEPS)
+        for name, tunable in tunables.items():
+            tunable.search_clipping(input_sq[name], candidates)
     sampler = CyclicSampler(q_inputs.shape[0], config.batch_size, seed)
     best_loss, best_iter, loss_before = float("inf"), 0, float("nan")
     best = {name: t.snapshot() for name, t in tunables.items()}

@@ -56,6 +56,28 @@ class TunableLinear(nn.Module):
             param.copy_(value)
 
     @torch.no_grad()
+    def search_clipping(self, input_sq: torch.Tensor, candidates: torch.Tensor) -> None:
+        """Start the clipping factors at the per-group value among ``candidates`` that minimizes the
+        activation-weighted error ``sum_j E[x_j^2] (w_j - q(w)_j)^2`` (``input_sq``: ``[in]``)."""
+        if self.max_factor is None:
+            return
+        weight = self.linear.weight.detach().float()
+        out_features, groups = self.max_factor.shape
+        best_error = torch.full((out_features, groups), float("inf"))
+        best_factor = torch.ones(out_features, groups)
+        for value in candidates.tolist():
+            factor = torch.full((out_features, groups), value)
+            min_factor = factor if self.min_factor is not None else None
+            error = (fake_quantize(weight, self.scheme, None, min_factor, factor) - weight).pow(2) * input_sq
+            per_group = error.reshape(out_features, groups, -1).sum(-1)
+            better = per_group < best_error
+            best_error = torch.where(better, per_group, best_error)
+            best_factor = torch.where(better, factor, best_factor)
+        self.max_factor.copy_(best_factor)
+        if self.min_factor is not None:
+            self.min_factor.copy_(best_factor)
+
+    @torch.no_grad()
     def quantized(self) -> QuantizedTensor:
         """The stored form with the current learned parameters."""
         return quantize(self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor)
