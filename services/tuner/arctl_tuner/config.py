@@ -25,7 +25,9 @@ class TuneConfig:
         enable_minmax_tuning: learn per-group clipping factors as well as rounding offsets.
         enable_quanted_input: feed each block the previous quantized blocks' outputs.
         search_init_clip: start the clipping factors at the per-group value that minimizes the
-            activation-weighted weight error (instead of 1.0, as AutoRound does).
+            activation-weighted weight error, instead of 1.0 as AutoRound does. Measured on SmolLM2
+            block 3 (16 x 256 tokens, 30 iters), tuned block MSE: W2 g32 asym 0.108 -> 0.093,
+            W3 g64 0.042 -> 0.037, MXFP4 0.028 -> 0.021, W4 g64 unchanged (0.0132 vs 0.0133).
         dtype: compute dtype of the block forward and backward passes: ``bfloat16`` (autocast, as
             AutoRound's default amp) or ``float32``. Quantization math and the loss stay in float32.
     """
@@ -39,7 +41,7 @@ class TuneConfig:
     seed: int = 42
     enable_minmax_tuning: bool = True
     enable_quanted_input: bool = True
-    search_init_clip: bool = False
+    search_init_clip: bool = True
     dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
