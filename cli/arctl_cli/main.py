@@ -19,9 +19,10 @@ from arctl_cli.errors import fail, user_errors_exit_2
 from arctl_cli.evaluate import evaluate_target
 from arctl_cli.inspection import inspect_path
 from arctl_cli.pipeline import EvalSettings, TuneSettings, run_quantize, tune_from_settings
+from arctl_cli.planning import build_request, make_plans, resolve_targets, runtime_for
 from arctl_exporter.engine import export
 from arctl_exporter.registry import WRITERS
-from arctl_planner.engine import plan_model, plan_uniform
+from arctl_planner.engine import plan_uniform
 from arctl_tuner.config import RECIPES, recipe
 
 app = typer.Typer(
@@ -40,6 +41,15 @@ ModelOpt = Annotated[
 AvgBitsOpt = Annotated[
     float | None,
     typer.Option("--avg-bits", envvar="ARCTL_AVG_BITS", help="Target true average bits per weight (scales included)."),
+]
+MaxSizeOpt = Annotated[str | None, typer.Option("--max-size", help="Size budget of the whole model, e.g. 80MB.")]
+ParetoOpt = Annotated[str | None, typer.Option("--pareto", help="Several budgets from one measurement, e.g. 3,4.5,6.")]
+RuntimeOpt = Annotated[
+    str | None, typer.Option("--for", help="Runtime the plan must run on: sglang, gguf, compressed-tensors, any.")
+]
+KeepOpt = Annotated[list[str] | None, typer.Option("--keep", help="Fix layers: GLOB=SCHEME (repeatable).")]
+SensitivityOpt = Annotated[
+    str, typer.Option("--sensitivity", help="fisher (predicted KL from calibration data) or weight (no data).")
 ]
 SchemesOpt = Annotated[
     str | None,
@@ -92,38 +102,41 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _parse_schemes(text: str | None):
-    if not text:
-        return None
-    return [get_scheme(name) for name in text.split(",") if name.strip()]
-
-
-def _make_plan(loaded, avg_bits: float | None, scheme: str | None, schemes: str | None, plan_file: Path | None) -> Plan:
-    chosen = [option for option in (avg_bits is not None, scheme is not None, plan_file is not None) if option]
-    if len(chosen) > 1:
-        raise fail("give only one of --avg-bits, --scheme and --plan")
-    if plan_file is not None:
-        return Plan.load(plan_file)
-    if scheme is not None:
-        return plan_uniform(loaded, get_scheme(scheme))
-    return plan_model(loaded, 4.5 if avg_bits is None else avg_bits, _parse_schemes(schemes))
-
-
 @app.command("plan")
 @user_errors_exit_2
 def plan_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write plan.json.")] = Path("plan.json"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="plan.json, or a folder for --pareto.")] = Path("plan.json"),
     model: ModelOpt = DEFAULT_MODEL,
-    avg_bits: AvgBitsOpt = 4.5,
+    avg_bits: AvgBitsOpt = None,
+    max_size: MaxSizeOpt = None,
+    pareto: ParetoOpt = None,
     schemes: SchemesOpt = None,
+    runtime: RuntimeOpt = None,
+    keep: KeepOpt = None,
+    sensitivity: SensitivityOpt = "fisher",
+    dataset: DatasetOpt = "wikitext2",
+    data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Choose a scheme per layer for a target average bit-width (true bits)."""
-    _parse_schemes(schemes)
-    loaded = load_model(model)
-    plan = plan_model(loaded, avg_bits if avg_bits is not None else 4.5, _parse_schemes(schemes))
-    plan.save(out)
-    render.plan(plan, out, as_json)
+    """Choose a scheme per layer for a target true average bit-width (or size, or several budgets),
+    with the least predicted KL to the float model."""
+    build_request((4.5,), schemes, runtime or "any", keep or [], sensitivity)
+    with render.progress_bars(enabled=not as_json) as progress:
+        progress(render.stage("load", f"loading {model}"))
+        loaded = load_model(model)
+        targets = resolve_targets(loaded, avg_bits, max_size, pareto)
+        request = build_request(targets, schemes, runtime or "any", keep or [], sensitivity)
+        plans = make_plans(loaded, request, dataset, data_dir, progress)
+    if pareto is None:
+        plans[0].save(out)
+        render.plan(plans[0], out, as_json)
+        return
+    written = []
+    for plan in plans:
+        path = out / f"plan-{plan.target_avg_bits:g}.json"
+        plan.save(path)
+        written.append(path)
+    render.pareto(plans, written, as_json)
 
 
 @app.command("quantize")
@@ -136,6 +149,9 @@ def quantize_command(
     avg_bits: AvgBitsOpt = None,
     scheme: Annotated[str | None, typer.Option("--scheme", help="One scheme for every layer, e.g. W4A16G64.")] = None,
     schemes: SchemesOpt = None,
+    runtime: RuntimeOpt = None,
+    keep: KeepOpt = None,
+    sensitivity: SensitivityOpt = "fisher",
     plan_file: Annotated[Path | None, typer.Option("--plan", help="A plan.json from `arctl plan`.")] = None,
     formats: Annotated[list[str] | None, typer.Option("--format", "-f", help="Export format (repeatable; default auto_round).")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate float vs quantized on WikiText-2.")] = True,
@@ -159,9 +175,11 @@ def quantize_command(
     for name in formats:
         if name not in WRITERS:
             raise fail(f"unknown format {name!r}; valid: {', '.join(WRITERS)}")
-    if scheme is not None:
-        get_scheme(scheme)
-    _parse_schemes(schemes)
+    chosen = [option for option in (avg_bits, scheme, plan_file) if option is not None]
+    if len(chosen) > 1:
+        raise fail("give only one of --avg-bits, --scheme and --plan")
+    uniform = get_scheme(scheme) if scheme is not None else None
+    request = build_request((avg_bits or 4.5,), schemes, runtime_for(formats, runtime), keep or [], sensitivity)
     tuning = TuneSettings(
         recipe(recipe_name, iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr, seed=seed),
         dataset,
@@ -171,7 +189,12 @@ def quantize_command(
     with render.progress_bars(enabled=not as_json) as progress:
         progress(render.stage("load", f"loading {model}"))
         loaded = load_model(model)
-        plan = _make_plan(loaded, avg_bits, scheme, schemes, plan_file)
+        if plan_file is not None:
+            plan = Plan.load(plan_file)
+        elif uniform is not None:
+            plan = plan_uniform(loaded, uniform)
+        else:
+            plan = make_plans(loaded, request, dataset, data_dir, progress)[0]
         settings = EvalSettings(eval_seqlen, eval_windows or None, data_dir) if evaluate else None
         report = run_quantize(loaded, plan, out, list(formats), settings, progress, tuning)
     render.quantize_report(report, as_json)

@@ -1,32 +1,47 @@
-"""A first planner: the uniform scheme at the budget, or two schemes mixed to hit it.
+"""Choosing one scheme per layer for a bit budget: items, options, constraints, and the exact solve.
 
-Pure planning logic over layer descriptions and per-layer error scores; no model, no I/O.
+Pure planning logic over layer descriptions and a per-(layer, scheme) loss; no model, no I/O.
 
-- Candidates are ordered by their true average bits on this model.
-- If one candidate lands within ``tolerance`` below the target, every layer gets it.
-- Otherwise every layer starts at the richest candidate that stays under the target, and fused
-  groups (q/k/v, gate/up, experts) are raised to the next candidate, most error removed per added bit
-  first, while the true average stays at or under the target.
+- Items are the groups a runtime fuses (q/k/v, gate/up, all experts of a MoE layer) or single
+  layers; an item's options are the schemes that tile every member, allowed by the target runtime.
+- ``keep`` fixes the scheme of layers matching a glob (the whole fused group follows).
+- Cost is true bits (codes + scales + zeros); the budget is ``target * weights``; the choice is the
+  exact least-loss assignment within it (``solver.KnapsackTable``), for one budget or several.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from arctl.bits import layer_bits, model_bits
 from arctl.models import LayerInfo
 from arctl.plan import LayerPlan, Plan
 from arctl.schemes import Scheme
-
-TOLERANCE = 0.02
+from arctl_planner.solver import InfeasibleBudgetError, Item, KnapsackTable, Option
 
 ErrorFn = Callable[[LayerInfo, Scheme], float]
 
+RUNTIMES = ("any", "sglang", "gguf", "compressed-tensors")
+
 
 class BudgetError(ValueError):
-    """The requested average bits cannot be reached with the candidate schemes."""
+    """The request cannot be met: budget out of reach, no scheme fits, a rule matches nothing."""
+
+
+def runtime_allows(runtime: str, scheme: Scheme) -> bool:
+    """Whether ``runtime`` runs ``scheme``: SGLang's auto_round path takes INT 2/3/4/8 symmetric;
+    GGUF keeps INT4/INT5/INT8 in groups of 32 (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0); compressed-tensors
+    takes INT, MXFP4/8, NVFP4, FP8."""
+    if runtime not in RUNTIMES:
+        raise BudgetError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+    if not scheme.quantized or runtime in ("any", "compressed-tensors"):
+        return True
+    if runtime == "sglang":
+        return scheme.dtype == "int" and scheme.sym and scheme.bits in (2, 3, 4, 8)
+    return scheme.dtype == "int" and scheme.group_size == 32 and (scheme.bits in (4, 5) or (scheme.bits == 8 and scheme.sym))
 
 
 @dataclass(frozen=True)
@@ -45,11 +60,111 @@ def usable_candidates(layers: Sequence[LayerInfo], schemes: Sequence[Scheme]) ->
     return sorted((Candidate(s, average_bits(layers, s)) for s in fitting), key=lambda c: c.avg_bits)
 
 
-def _groups(layers: Sequence[LayerInfo]) -> dict[str, list[LayerInfo]]:
+def parse_keep(rules: Sequence[str], lookup: Callable[[str], Scheme]) -> list[tuple[str, Scheme]]:
+    """``["glob=SCHEME", ...]`` -> ``[(glob, scheme), ...]``."""
+    parsed = []
+    for rule in rules:
+        pattern, sep, name = rule.partition("=")
+        if not sep or not pattern or not name:
+            raise BudgetError(f"--keep {rule!r} is not GLOB=SCHEME (e.g. '*.down_proj=W8A16G64')")
+        parsed.append((pattern.strip(), lookup(name.strip())))
+    return parsed
+
+
+def _fixed_schemes(layers: Sequence[LayerInfo], keep: Sequence[tuple[str, Scheme]]) -> dict[str, Scheme]:
+    fixed: dict[str, Scheme] = {}
+    for pattern, scheme in keep:
+        matched = [layer for layer in layers if fnmatch.fnmatchcase(layer.name, pattern)]
+        if not matched:
+            raise BudgetError(f"--keep {pattern!r} matches no quantizable layer (e.g. {layers[0].name})")
+        for layer in matched:
+            if not scheme.fits(layer.shape[1]):
+                raise BudgetError(f"--keep {pattern}: {scheme.name} does not fit {layer.name} (in_features {layer.shape[1]})")
+            fixed[layer.name] = scheme
+    return fixed
+
+
+def build_items(
+    layers: Sequence[LayerInfo],
+    schemes: Sequence[Scheme],
+    error: ErrorFn,
+    runtime: str = "any",
+    keep: Sequence[tuple[str, Scheme]] = (),
+) -> tuple[list[Item], list[list[LayerInfo]], list[list[Scheme]]]:
+    """Items (one per fused group or lone layer) with their options' true bits and summed loss."""
     groups: dict[str, list[LayerInfo]] = defaultdict(list)
     for layer in layers:
         groups[layer.fused_group or layer.name].append(layer)
-    return groups
+    fixed = _fixed_schemes(layers, keep)
+    allowed = [scheme for scheme in schemes if runtime_allows(runtime, scheme)]
+    items, members, options = [], [], []
+    for name, group in groups.items():
+        pinned = {fixed[m.name] for m in group if m.name in fixed}
+        if len(pinned) > 1:
+            raise BudgetError(f"--keep gives the fused group {name} different schemes; its layers must share one")
+        choices = list(pinned) if pinned else [s for s in allowed if all(s.fits(m.shape[1]) for m in group)]
+        if not choices:
+            raise BudgetError(
+                f"no candidate scheme fits {group[0].name} (in_features {group[0].shape[1]}) for runtime {runtime}"
+            )
+        item_options = tuple(
+            Option(cost=sum(layer_bits(s, *m.shape).total for m in group), loss=sum(error(m, s) for m in group))
+            for s in choices
+        )
+        items.append(Item(name, item_options))
+        members.append(group)
+        options.append(choices)
+    return items, members, options
+
+
+def plan_for_budgets(
+    layers: Sequence[LayerInfo],
+    schemes: Sequence[Scheme],
+    targets: Sequence[float],
+    error: ErrorFn,
+    model_id: str,
+    model_sha256: str,
+    runtime: str = "any",
+    keep: Sequence[tuple[str, Scheme]] = (),
+    notes: Mapping[str, object] | None = None,
+) -> list[Plan]:
+    """For each target true average bits, the least-loss plan whose average is at most the target.
+
+    Raises:
+        BudgetError: a target below the cheapest or above the richest assignment, or no scheme fits.
+    """
+    items, members, options = build_items(layers, schemes, error, runtime, keep)
+    weights = sum(layer.shape[0] * layer.shape[1] for layer in layers)
+    cheapest = sum(min(o.cost for o in item.options) for item in items) / weights
+    richest = sum(max(o.cost for o in item.options) for item in items) / weights
+    for target in targets:
+        if not cheapest - 1e-9 <= target <= richest + 1e-9:
+            raise BudgetError(
+                f"--avg-bits {target} is outside what the schemes can reach on this model: "
+                f"{cheapest:.4f} to {richest:.4f} true bits"
+            )
+    table = KnapsackTable(items, int(max(targets) * weights))
+    plans = []
+    for target in targets:
+        try:
+            solution = table.solve(int(target * weights))
+        except InfeasibleBudgetError as exc:
+            raise BudgetError(f"--avg-bits {target}: {exc}") from exc
+        chosen = {
+            member.name: options[index][choice]
+            for index, choice in enumerate(solution.choices)
+            for member in members[index]
+        }
+        plans.append(
+            Plan(
+                model_id=model_id,
+                model_sha256=model_sha256,
+                layers=tuple(LayerPlan(x.name, x.shape, chosen[x.name], x.fused_group) for x in layers),
+                target_avg_bits=target,
+                notes={**(notes or {}), "predicted_loss": solution.loss, "runtime": runtime},
+            )
+        )
+    return plans
 
 
 def plan_for_budget(
@@ -59,62 +174,11 @@ def plan_for_budget(
     error: ErrorFn,
     model_id: str,
     model_sha256: str,
-    tolerance: float = TOLERANCE,
+    runtime: str = "any",
+    keep: Sequence[tuple[str, Scheme]] = (),
+    notes: Mapping[str, object] | None = None,
 ) -> Plan:
-    """A plan whose true average bits is at most ``target_avg_bits`` and, where the candidates allow,
-    within ``tolerance`` of it.
-
-    ``error(layer, scheme)`` is the damage of quantizing that layer with that scheme (any additive
-    score, e.g. squared weight error); it is called only for the two schemes around the target.
-
-    Raises:
-        BudgetError: target below the cheapest or above the richest candidate, or no candidate fits.
-    """
-    candidates = usable_candidates(layers, schemes)
-    if not candidates:
-        names = ", ".join(s.name for s in schemes)
-        raise BudgetError(f"none of the schemes ({names}) fits every layer's shape")
-    low_end, high_end = candidates[0].avg_bits, candidates[-1].avg_bits
-    if not low_end <= target_avg_bits <= high_end:
-        raise BudgetError(
-            f"--avg-bits {target_avg_bits} is outside what the schemes can reach on this model: "
-            f"{low_end:.4f} ({candidates[0].scheme.name}) to {high_end:.4f} ({candidates[-1].scheme.name}) true bits"
-        )
-    below = [c for c in candidates if c.avg_bits <= target_avg_bits]
-    low = below[-1]
-    assignment = {layer.name: low.scheme for layer in layers}
-    notes: dict[str, object] = {"planner": "budget", "schemes": [c.scheme.name for c in candidates]}
-    if target_avg_bits - low.avg_bits > tolerance and low is not candidates[-1]:
-        high = candidates[candidates.index(low) + 1]
-        _raise_groups(layers, assignment, low.scheme, high.scheme, target_avg_bits, error)
-    return Plan(
-        model_id=model_id,
-        model_sha256=model_sha256,
-        layers=tuple(LayerPlan(x.name, x.shape, assignment[x.name], x.fused_group) for x in layers),
-        target_avg_bits=target_avg_bits,
-        notes=notes,
-    )
-
-
-def _raise_groups(
-    layers: Sequence[LayerInfo],
-    assignment: dict[str, Scheme],
-    low: Scheme,
-    high: Scheme,
-    target: float,
-    error: ErrorFn,
-) -> None:
-    """Move whole fused groups from ``low`` to ``high`` while the average stays <= ``target``."""
-    total_weights = sum(x.shape[0] * x.shape[1] for x in layers)
-    budget = target * total_weights - sum(layer_bits(low, *x.shape).total for x in layers)
-    options = []
-    for members in _groups(layers).values():
-        cost = sum(layer_bits(high, *m.shape).total - layer_bits(low, *m.shape).total for m in members)
-        gain = sum(error(m, low) - error(m, high) for m in members)
-        options.append((gain / cost, cost, members))
-    options.sort(key=lambda option: option[0], reverse=True)
-    for _, cost, members in options:
-        if cost <= budget:
-            budget -= cost
-            for member in members:
-                assignment[member.name] = high
+    """``plan_for_budgets`` for one target."""
+    if not layers:
+        raise BudgetError("the model has no quantizable layers")
+    return plan_for_budgets(layers, schemes, [target_avg_bits], error, model_id, model_sha256, runtime, keep, notes)[0]

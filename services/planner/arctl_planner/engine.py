@@ -1,63 +1,112 @@
-"""Planner engine: choose schemes for a loaded model and a target average bit-width."""
+"""Planner engine: measure each layer's sensitivity to each candidate scheme, then solve for budgets."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from arctl.models import LayerInfo, LoadedModel, quantizable_layers
 from arctl.plan import Plan
+from arctl.progress import Progress, ProgressCallback, ignore_progress
 from arctl.quant import fake_quantize
 from arctl.schemes import PRESETS, Scheme
-from arctl_planner.budget import average_bits, plan_for_budget
+from arctl_planner.budget import BudgetError, ErrorFn, average_bits, plan_for_budget, plan_for_budgets
+from arctl_planner.sensitivity import collect_statistics, predicted_kl
 
 DEFAULT_BITS = (2, 3, 4, 8)
-GROUP_PREFERENCE = (128, 64, 32)
+GROUP_SIZES = (128, 64, 32)
+SENSITIVITIES = ("fisher", "weight")
 
 
-def default_schemes(layers: Sequence[LayerInfo]) -> list[Scheme]:
-    """Symmetric INT 2/3/4/8, each at the largest group size of 128/64/32 that tiles every layer
-    (what the auto_round export and SGLang run), plus BF16."""
-    schemes = []
-    for bits in DEFAULT_BITS:
-        for group_size in GROUP_PREFERENCE:
-            scheme = Scheme("int", bits, group_size, True)
-            if all(scheme.fits(layer.shape[1]) for layer in layers):
-                schemes.append(scheme)
-                break
-    schemes.append(PRESETS["BF16"])
-    return schemes
+def default_schemes() -> list[Scheme]:
+    """Symmetric INT 2/3/4/8 at groups 128/64/32 (each layer takes those that tile its rows),
+    MXFP4, MXFP8, NVFP4 and BF16."""
+    ints = [Scheme("int", bits, group, True) for bits in DEFAULT_BITS for group in GROUP_SIZES]
+    return [*ints, PRESETS["MXFP4"], PRESETS["MXFP8"], PRESETS["NVFP4"], PRESETS["BF16"]]
 
 
-def squared_weight_error(model: nn.Module):
-    """``error(layer, scheme)``: sum of squared differences between a layer's weight and its
-    round-to-nearest quantization (cached)."""
-    cache: dict[tuple[str, Scheme], float] = {}
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan: one or several target true average bits (a Pareto front from one measurement),
+    candidate schemes (None: ``default_schemes``), target runtime, fixed layers, and the
+    sensitivity measure (``fisher``: predicted KL from calibration data; ``weight``: squared weight
+    error, no data)."""
+
+    targets: tuple[float, ...]
+    schemes: tuple[Scheme, ...] | None = None
+    runtime: str = "any"
+    keep: tuple[tuple[str, Scheme], ...] = ()
+    sensitivity: str = "fisher"
+    notes: dict[str, object] = field(default_factory=dict)
+
+
+def squared_weight_error(model: nn.Module) -> ErrorFn:
+    """``error(layer, scheme)``: sum of squared differences between the weight and its quantization."""
 
     def error(layer: LayerInfo, scheme: Scheme) -> float:
+        weight = model.get_submodule(layer.name).weight.detach().float()
+        with torch.no_grad():
+            return float((fake_quantize(weight, scheme) - weight).pow(2).sum())
+
+    return _cached(error)
+
+
+def fisher_error(
+    model: nn.Module, layers: Sequence[LayerInfo], input_ids: torch.Tensor, progress: ProgressCallback
+) -> ErrorFn:
+    """``error(layer, scheme)``: predicted KL increase (nats/token) from one Fisher pass."""
+    stats = collect_statistics(
+        model, layers, input_ids, progress=lambda done, total: progress(Progress("sensitivity", done, total))
+    )
+
+    def error(layer: LayerInfo, scheme: Scheme) -> float:
+        return predicted_kl(model.get_submodule(layer.name).weight, scheme, stats[layer.name])
+
+    return _cached(error)
+
+
+def _cached(error: ErrorFn) -> ErrorFn:
+    cache: dict[tuple[str, Scheme], float] = {}
+
+    def lookup(layer: LayerInfo, scheme: Scheme) -> float:
         key = (layer.name, scheme)
         if key not in cache:
-            weight = model.get_submodule(layer.name).weight.detach().float()
-            with torch.no_grad():
-                cache[key] = float((fake_quantize(weight, scheme) - weight).pow(2).sum())
+            cache[key] = error(layer, scheme)
         return cache[key]
 
-    return error
+    return lookup
 
 
-def plan_model(loaded: LoadedModel, target_avg_bits: float, schemes: Sequence[Scheme] | None = None) -> Plan:
-    """A plan for ``loaded.model`` at ``target_avg_bits`` true bits (uniform, or two schemes mixed)."""
+def plan_model(
+    loaded: LoadedModel,
+    request: PlanRequest,
+    calibration_ids: torch.Tensor | None = None,
+    progress: ProgressCallback = ignore_progress,
+) -> list[Plan]:
+    """One plan per target of ``request`` for ``loaded.model``."""
+    if request.sensitivity not in SENSITIVITIES:
+        raise BudgetError(f"unknown sensitivity {request.sensitivity!r}; valid: {', '.join(SENSITIVITIES)}")
     layers = quantizable_layers(loaded.model)
-    candidates = list(schemes) if schemes else default_schemes(layers)
-    return plan_for_budget(
+    if request.sensitivity == "fisher":
+        if calibration_ids is None:
+            raise BudgetError("fisher sensitivity needs calibration data")
+        error = fisher_error(loaded.model, layers, calibration_ids, progress)
+    else:
+        error = squared_weight_error(loaded.model)
+    notes = {**request.notes, "planner": "fisher-knapsack", "sensitivity": request.sensitivity}
+    return plan_for_budgets(
         layers,
-        candidates,
-        target_avg_bits,
-        squared_weight_error(loaded.model),
+        list(request.schemes or default_schemes()),
+        list(request.targets),
+        error,
         model_id=loaded.model_id,
         model_sha256=loaded.sha256,
+        runtime=request.runtime,
+        keep=request.keep,
+        notes=notes,
     )
 
 
@@ -67,3 +116,23 @@ def plan_uniform(loaded: LoadedModel, scheme: Scheme) -> Plan:
     return plan_for_budget(
         layers, [scheme], average_bits(layers, scheme), lambda *_: 0.0, loaded.model_id, loaded.sha256
     )
+
+
+def target_bits_for_size(model: nn.Module, max_size_bytes: int) -> float:
+    """The average bits of the quantizable layers that keeps the whole model (other tensors at 16
+    bits, tied tensors once) within ``max_size_bytes``."""
+    layers = quantizable_layers(model)
+    quantizable = {f"{layer.name}.weight" for layer in layers}
+    seen: set[int] = set()
+    other = 0
+    for name, tensor in model.state_dict().items():
+        pointer = tensor.untyped_storage().data_ptr()
+        if name in quantizable or pointer in seen:
+            continue
+        seen.add(pointer)
+        other += tensor.numel()
+    weights = sum(layer.shape[0] * layer.shape[1] for layer in layers)
+    bits = (max_size_bytes * 8 - other * 16) / weights
+    if bits <= 0:
+        raise BudgetError(f"--max-size {max_size_bytes} bytes is smaller than the unquantized tensors alone")
+    return bits

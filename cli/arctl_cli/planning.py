@@ -1,0 +1,83 @@
+"""CLI glue for planning: sizes, runtimes implied by export formats, calibration for the sensitivity."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from arctl.data import calibration_samples
+from arctl.models import LoadedModel
+from arctl.plan import Plan
+from arctl.progress import Progress, ProgressCallback
+from arctl.schemes import get_scheme
+from arctl_planner.budget import BudgetError, parse_keep
+from arctl_planner.engine import PlanRequest, plan_model, target_bits_for_size
+
+PLAN_NSAMPLES = 8
+PLAN_SEQLEN = 512
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(i?)[bB]?\s*$")
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+_FORMAT_RUNTIME = {"auto_round": "sglang", "auto_gptq": "sglang", "auto_awq": "sglang", "gguf": "gguf",
+                   "compressed-tensors": "compressed-tensors"}
+
+
+def parse_size(text: str) -> int:
+    """``80MB`` -> 80_000_000 bytes (``MiB``: powers of two)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise BudgetError(f"--max-size {text!r} is not a size such as 80MB, 1.5GB or 500000")
+    number, unit, binary = match.groups()
+    scale = _UNITS[unit.lower()] if not binary else 1024 ** " kmg".index(unit.lower())
+    return int(float(number) * scale)
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise BudgetError(f"--pareto {text!r} is not a comma-separated list of bit-widths") from exc
+
+
+def runtime_for(formats: list[str], explicit: str | None) -> str:
+    """The runtime a plan must fit: given with ``--for``, else the one the first export format serves."""
+    if explicit:
+        return explicit
+    return _FORMAT_RUNTIME.get(formats[0], "any") if formats else "any"
+
+
+def build_request(
+    targets: tuple[float, ...], schemes: str | None, runtime: str, keep: list[str], sensitivity: str
+) -> PlanRequest:
+    parsed = tuple(get_scheme(name) for name in schemes.split(",") if name.strip()) if schemes else None
+    return PlanRequest(
+        targets=targets, schemes=parsed, runtime=runtime, keep=tuple(parse_keep(keep, get_scheme)), sensitivity=sensitivity
+    )
+
+
+def resolve_targets(loaded: LoadedModel, avg_bits: float | None, max_size: str | None, pareto: str | None) -> tuple[float, ...]:
+    given = [x for x in (avg_bits, max_size, pareto) if x is not None]
+    if len(given) > 1:
+        raise BudgetError("give only one of --avg-bits, --max-size and --pareto")
+    if pareto is not None:
+        return parse_budgets(pareto)
+    if max_size is not None:
+        return (target_bits_for_size(loaded.model, parse_size(max_size)),)
+    return (4.5 if avg_bits is None else avg_bits,)
+
+
+def make_plans(
+    loaded: LoadedModel,
+    request: PlanRequest,
+    dataset: str,
+    data_dir: Path | None,
+    progress: ProgressCallback,
+    nsamples: int = PLAN_NSAMPLES,
+    seqlen: int = PLAN_SEQLEN,
+) -> list[Plan]:
+    """Read calibration samples when the sensitivity needs them, then plan every target."""
+    calibration = None
+    if request.sensitivity == "fisher":
+        progress(Progress("calibrate", 0, 1, f"{nsamples} x {seqlen} tokens of {dataset}"))
+        calibration = calibration_samples(loaded.tokenizer, dataset, nsamples, seqlen, seed=0, data_dir=data_dir).input_ids
+        progress(Progress("calibrate", 1, 1))
+    return plan_model(loaded, request, calibration, progress)
