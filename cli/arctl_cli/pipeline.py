@@ -88,6 +88,8 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "avg_bits_codes_only": round(bits.average_codes_only, 4),
         "layers": len(plan.layers),
         "schemes": plan.scheme_counts(),
+        "predicted_kl": plan.notes.get("predicted_loss"),
+        "measured_kl": plan.notes.get("measured_kl"),
     }
 
 

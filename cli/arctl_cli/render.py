@@ -56,6 +56,10 @@ def _echo_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def _number(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "-"
+
+
 def _bytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -66,27 +70,29 @@ def plan(plan: Plan, path: Path, as_json: bool) -> None:
         _echo_json({"plan": str(path), **summary})
         return
     schemes = ", ".join(f"{name} x{count}" for name, count in summary["schemes"].items())
-    predicted = plan.notes.get("predicted_loss")
+    kl = "".join(
+        f"; {label} KL {summary[key]:.4g}" for key, label in (("predicted_kl", "predicted"), ("measured_kl", "measured"))
+        if isinstance(summary.get(key), float)
+    )
     console.print(
         f"plan written to {path}: {summary['layers']} layers, true avg bits {summary['avg_bits']:.4f} "
-        f"(codes only {summary['avg_bits_codes_only']:.4f}; target {summary['target_avg_bits']:g}); {schemes}"
-        + (f"; predicted KL {predicted:.4g}" if isinstance(predicted, float) else "")
+        f"(codes only {summary['avg_bits_codes_only']:.4f}; target {summary['target_avg_bits']:g}); {schemes}{kl}"
     )
 
 
 def pareto(plans: list[Plan], paths: list[Path], as_json: bool) -> None:
-    rows = [{"plan": str(path), **plan_summary(plan), "predicted_kl": plan.notes.get("predicted_loss")}
-            for plan, path in zip(plans, paths, strict=True)]
+    rows = [{"plan": str(path), **plan_summary(plan)} for plan, path in zip(plans, paths, strict=True)]
     if as_json:
         _echo_json(rows)
         return
     table = Table(title="Pareto plans (one sensitivity pass)")
-    for column in ("target", "true avg bits", "codes only", "predicted KL", "schemes", "file"):
+    for column in ("target", "true avg bits", "codes only", "predicted KL", "measured KL", "schemes", "file"):
         table.add_column(column)
     for row in rows:
         table.add_row(
             f"{row['target_avg_bits']:g}", f"{row['avg_bits']:.4f}", f"{row['avg_bits_codes_only']:.4f}",
-            f"{row['predicted_kl']:.4g}", ", ".join(f"{k} x{v}" for k, v in row["schemes"].items()), row["plan"],
+            _number(row["predicted_kl"]), _number(row["measured_kl"]),
+            ", ".join(f"{k} x{v}" for k, v in row["schemes"].items()), row["plan"],
         )
     console.print(table)
 

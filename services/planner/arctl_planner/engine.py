@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from arctl.progress import Progress, ProgressCallback, ignore_progress
 from arctl.quant import fake_quantize
 from arctl.schemes import PRESETS, Scheme
 from arctl_planner.budget import BudgetError, ErrorFn, average_bits, plan_for_budget, plan_for_budgets
+from arctl_planner.measure import measured_kl, reference_log_probs
 from arctl_planner.sensitivity import collect_statistics, predicted_kl
 
 DEFAULT_BITS = (2, 3, 4, 8)
@@ -33,13 +34,15 @@ class PlanRequest:
     """What to plan: one or several target true average bits (a Pareto front from one measurement),
     candidate schemes (None: ``default_schemes``), target runtime, fixed layers, and the
     sensitivity measure (``fisher``: predicted KL from calibration data; ``weight``: squared weight
-    error, no data)."""
+    error, no data). With calibration data, each plan's real KL (round to nearest) is measured on
+    ``measure_rows`` calibration rows and stored beside the predicted one."""
 
     targets: tuple[float, ...]
     schemes: tuple[Scheme, ...] | None = None
     runtime: str = "any"
     keep: tuple[tuple[str, Scheme], ...] = ()
     sensitivity: str = "fisher"
+    measure_rows: int = 2
     notes: dict[str, object] = field(default_factory=dict)
 
 
@@ -97,7 +100,7 @@ def plan_model(
     else:
         error = squared_weight_error(loaded.model)
     notes = {**request.notes, "planner": "fisher-knapsack", "sensitivity": request.sensitivity}
-    return plan_for_budgets(
+    plans = plan_for_budgets(
         layers,
         list(request.schemes or default_schemes()),
         list(request.targets),
@@ -108,6 +111,16 @@ def plan_model(
         keep=request.keep,
         notes=notes,
     )
+    if calibration_ids is None or request.measure_rows <= 0:
+        return plans
+    rows = calibration_ids[: request.measure_rows]
+    reference = reference_log_probs(loaded.model, rows)
+    measured = []
+    for index, plan in enumerate(plans):
+        kl = measured_kl(loaded.model, plan, rows, reference)
+        measured.append(replace(plan, notes={**plan.notes, "measured_kl": kl, "measured_tokens": int(rows.numel())}))
+        progress(Progress("measure", index + 1, len(plans), f"{plan.target_avg_bits:g} bits: KL {kl:.4g}"))
+    return measured
 
 
 def plan_uniform(loaded: LoadedModel, scheme: Scheme) -> Plan:
