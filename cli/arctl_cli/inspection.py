@@ -23,6 +23,11 @@ def plan_rows(plan: Plan) -> list[dict[str, Any]]:
     ]
 
 
+def read_plan(path: Path) -> Plan:
+    """The plan of a plan.json or of a checkpoint folder."""
+    return read_checkpoint(Path(path)).plan if Path(path).is_dir() else Plan.load(Path(path))
+
+
 def inspect_path(path: Path) -> dict[str, Any]:
     """A summary of a plan.json or a checkpoint folder (verified against its manifest)."""
     path = Path(path)

@@ -17,7 +17,8 @@ from arctl.schemes import get_scheme
 from arctl_cli import render
 from arctl_cli.errors import fail, user_errors_exit_2
 from arctl_cli.evaluate import evaluate_target
-from arctl_cli.inspection import inspect_path
+from arctl_cli.inspection import inspect_path, read_plan
+from arctl_cli.picture import plan_bars_png
 from arctl_cli.pipeline import EvalSettings, TuneSettings, run_quantize, tune_from_settings
 from arctl_cli.planning import build_request, make_plans, resolve_targets, runtime_for
 from arctl_exporter.engine import export
@@ -268,10 +269,15 @@ def eval_command(
 @user_errors_exit_2
 def inspect_command(
     path: Annotated[Path, typer.Argument(help="A plan.json or a QuantizedCheckpoint folder.")],
+    png: Annotated[Path | None, typer.Option("--png", help="Also draw the per-layer bits as a PNG bar picture.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a plan or a checkpoint: layers, schemes, true average bits, size on disk."""
-    render.inspection(inspect_path(path), as_json)
+    info = inspect_path(path)
+    if png is not None:
+        plan_bars_png(read_plan(path), png)
+        info["png"] = str(png)
+    render.inspection(info, as_json)
 
 
 if __name__ == "__main__":

@@ -228,3 +228,12 @@ def test_killed_tune_resumes_to_the_same_checkpoint(tiny_model_dir: Path, tmp_pa
     assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
     assert [b["resumed"] for b in read_checkpoint(out).metadata["blocks"]] == [True, False]
     assert not (tmp_path / "killed.partial").exists()
+
+
+def test_inspect_draws_the_bits_as_png(tiny_model_dir: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    assert run("plan", "--model", str(tiny_model_dir), "--avg-bits", "5", "--out", str(plan), "--sensitivity", "weight").exit_code == 0
+    result = run("inspect", str(plan), "--png", str(tmp_path / "bits.png"), "--json")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(result.stdout)["png"] == str(tmp_path / "bits.png")
