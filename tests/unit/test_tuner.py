@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
+from tiny_models import tiny_llama, tiny_tokenizer
 
 from arctl.checkpoint import read_checkpoint
 from arctl.data import CalibrationSet
