@@ -12,6 +12,15 @@ Shapes (``out``/``in`` = out_features/in_features, ``groups`` = scale groups per
 - ``qzeros``  int32 ``[groups, out * bits / 32]``: zero points ``[out, groups]`` packed along
   out_features, stored as ``zp - 1`` (the GPTQ v1 convention that ``auto_round:auto_gptq`` keeps;
   loaders add the 1 back).
+
+compressed-tensors' ``pack-quantized`` uses the same little-endian stream for every width from 1 to
+8 bits (``pack_stream``: 32 values fill exactly ``bits`` words, values straddling word boundaries).
+
+AWQ (``auto_awq``, GEMM version) packs 4-bit values **along out_features**, eight per int32 word,
+interleaved: value ``k`` of each run of eight sits in nibble ``AWQ_ORDER[k]`` (``pack_awq``):
+
+- ``qweight`` int32 ``[in, out / 8]``: codes ``[out, in]`` transposed, then packed along out.
+- ``qzeros``  int32 ``[groups, out / 8]``: zero points ``[out, groups]`` (stored as is) likewise.
 """
 
 from __future__ import annotations
@@ -19,13 +28,18 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+STREAM_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 WORD_BITS = 32
+# AWQ's interleave: value k of a run of eight goes to nibble AWQ_ORDER[k] (AutoAWQ packs nibble i
+# from value [0, 2, 4, 6, 1, 3, 5, 7][i], the inverse permutation).
+AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+AWQ_BITS = 4
 _WORD_MOD = 1 << WORD_BITS
 
 
-def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"GPTQ packing supports {SUPPORTED_BITS} bits, got {bits}")
+def _check_bits(bits: int, allowed: tuple[int, ...] = SUPPORTED_BITS) -> None:
+    if bits not in allowed:
+        raise ValueError(f"this packing supports {allowed} bits, got {bits}")
 
 
 def _check_length(length: int, bits: int, what: str) -> None:
@@ -56,6 +70,16 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
         ValueError: unsupported ``bits``, ``n`` not filling whole words, or a value out of range.
     """
     _check_bits(bits)
+    return _pack(values, bits)
+
+
+def pack_stream(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """``pack_int32`` for any width of 1 to 8 bits (compressed-tensors' dense ``pack-quantized``)."""
+    _check_bits(bits, STREAM_BITS)
+    return _pack(values, bits)
+
+
+def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     n = values.shape[-1]
     _check_length(n, bits, "pack")
     wide = values.to(torch.int64)
@@ -79,6 +103,16 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_int32(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of ``pack_int32``: ``[..., m]`` int32 -> ``[..., m * 32 / bits]`` uint8."""
     _check_bits(bits)
+    return _unpack(words, bits)
+
+
+def unpack_stream(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_stream``."""
+    _check_bits(bits, STREAM_BITS)
+    return _unpack(words, bits)
+
+
+def _unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     if words.dtype != torch.int32:
         raise ValueError(f"packed words must be int32, got {words.dtype}")
     m = words.shape[-1]
@@ -140,3 +174,37 @@ def unpack_qzeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
 def sym_zeros(bits: int, out_features: int, groups: int) -> torch.Tensor:
     """The implicit zero point ``2**(bits-1)`` of symmetric codes, uint8 ``[out, groups]``."""
     return torch.full((out_features, groups), 1 << (bits - 1), dtype=torch.uint8)
+
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """4-bit values ``[rows, n]`` -> AWQ words int32 ``[rows, n / 8]``, interleaved by ``AWQ_ORDER``.
+
+    Raises:
+        ValueError: ``n`` not a multiple of 8, or a value out of ``0..15``.
+    """
+    if values.dim() != 2 or values.shape[1] % 8:
+        raise ValueError(
+            f"AWQ packs runs of 8 values along the last dimension, got shape {tuple(values.shape)}"
+        )
+    rows, n = values.shape
+    runs = values.reshape(rows, n // 8, 8)
+    placed = torch.empty_like(runs)
+    placed[..., list(AWQ_ORDER)] = runs
+    return pack_int32(placed.reshape(rows, n), AWQ_BITS)
+
+
+def unpack_awq(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_awq``: int32 ``[rows, m]`` -> uint8 ``[rows, 8 * m]``."""
+    nibbles = unpack_int32(words, AWQ_BITS)
+    rows, n = nibbles.shape
+    return nibbles.reshape(rows, n // 8, 8)[..., list(AWQ_ORDER)].reshape(rows, n)
+
+
+def pack_awq_qweight(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes uint8 ``[out, in]`` -> AWQ ``qweight`` int32 ``[in, out / 8]``."""
+    return pack_awq(codes.t().contiguous())
+
+
+def pack_awq_qzeros(zeros: torch.Tensor) -> torch.Tensor:
+    """Zero points uint8 ``[out, groups]`` -> AWQ ``qzeros`` int32 ``[groups, out / 8]`` (stored as is)."""
+    return pack_awq(zeros.t().contiguous())

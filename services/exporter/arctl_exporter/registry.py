@@ -6,7 +6,11 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from arctl.checkpoint import QuantizedCheckpoint
+from arctl_exporter.auto_awq import AutoAwqWriter
+from arctl_exporter.auto_gptq import AutoGptqWriter
 from arctl_exporter.auto_round import AutoRoundWriter
+from arctl_exporter.compressed_tensors import CompressedTensorsWriter
+from arctl_exporter.gguf_format import GgufWriter
 
 
 class UnknownFormatError(ValueError):
@@ -28,7 +32,16 @@ class Writer(Protocol):
     def write(self, checkpoint: QuantizedCheckpoint, out_dir: Path) -> Path: ...
 
 
-WRITERS: dict[str, Writer] = {writer.name: writer for writer in (AutoRoundWriter(),)}
+WRITERS: dict[str, Writer] = {
+    writer.name: writer
+    for writer in (
+        AutoRoundWriter(),
+        AutoGptqWriter(),
+        AutoAwqWriter(),
+        CompressedTensorsWriter(),
+        GgufWriter(),
+    )
+}
 
 
 def get_writer(name: str) -> Writer:
@@ -39,5 +52,5 @@ def get_writer(name: str) -> Writer:
     """
     writer = WRITERS.get(name.strip())
     if writer is None:
-        raise UnknownFormatError(f"unknown export format {name!r}; valid: {', '.join(sorted(WRITERS))}")
+        raise UnknownFormatError(f"unknown export format {name!r}; valid: {', '.join(WRITERS)}")
     return writer

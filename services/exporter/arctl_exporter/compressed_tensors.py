@@ -1,0 +1,380 @@
+"""The ``compressed-tensors`` writer: ``quant_method: compressed-tensors`` (the llm-compressor format that
+vLLM and SGLang load for INT, MX, NV and FP8 weights, and transformers decompresses).
+
+Output: a Hugging Face model folder. ``config.json`` gets::
+
+    {"quant_method": "compressed-tensors", "format": "mixed-precision" | <the one format>,
+     "quantization_status": "compressed", "version": "0.20.0", "provider": "arctl",
+     "config_groups": {"group_0": {"targets": ["model.layers.0.mlp.down_proj", ...],
+                                   "weights": {"num_bits": 4, "type": "int", "symmetric": true,
+                                               "group_size": 32, "strategy": "group", "dynamic": false},
+                                   "input_activations": null, "output_activations": null,
+                                   "format": "pack-quantized"}, ...},
+     "ignore": ["lm_head", "model.layers.1.self_attn.o_proj"], "kv_cache_scheme": null}
+
+One config group per distinct scheme, its ``targets`` the explicit module names (never the class name
+``Linear``, which made vLLM unpack mixed checkpoints with one group's layout). ``ignore`` lists every
+other linear weight: vLLM refuses a Linear that no group targets and ``ignore`` does not name.
+
+Per quantized layer (``out``/``in`` = out_features/in_features):
+
+| scheme | format | tensors |
+|---|---|---|
+| INT b-bit, sym/asym, group or channel | ``pack-quantized`` | ``weight_packed`` int32 ``[out, in*b/32]`` (dense little-endian stream of ``q + 2**(b-1)``, i.e. our unsigned codes), ``weight_scale`` fp16 ``[out, groups]``, ``weight_shape`` int64 ``[2]``; asym: ``weight_zero_point`` int32 ``[out*b/32, groups]`` (the stream of ``zp_signed + 2**(b-1)`` packed along out = our unsigned zeros) |
+| MXFP4 | ``mxfp4-pack-quantized`` | ``weight_packed`` uint8 ``[out, in/2]`` (E2M1, element 2i low nibble), ``weight_scale`` uint8 E8M0 ``[out, in/32]`` |
+| MXFP8 | ``mxfp8-quantized`` | ``weight`` float8_e4m3fn ``[out, in]``, ``weight_scale`` uint8 E8M0 ``[out, in/32]`` |
+| NVFP4 | ``nvfp4-pack-quantized`` | ``weight_packed`` uint8 ``[out, in/2]``, ``weight_scale`` float8_e4m3fn ``[out, in/16]``, ``weight_global_scale`` fp32 ``[1]`` (value = fp4 * scale / global) |
+| FP8 (per channel) | ``float-quantized`` | ``weight`` float8_e4m3fn ``[out, in]``, ``weight_scale`` fp32 ``[out, 1]`` |
+
+Every other tensor keeps the checkpoint's dtype. The layers of a fused group (q/k/v, gate/up) must
+share one scheme, and NVFP4 ones one global scale: vLLM and SGLang run the group as one module.
+
+Before the rename the folder is read back with an independent numpy reader (bit-by-bit unpacking,
+E2M1/E4M3/E8M0 decoded by arithmetic) and every layer must give exactly ``dequantize`` of the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from arctl.atomic import atomic_directory
+from arctl.checkpoint import QuantizedCheckpoint
+from arctl.plan import LayerPlan
+from arctl.quant import QuantizedTensor, dequantize
+from arctl.schemes import PER_CHANNEL, Scheme
+from arctl_exporter import hf_folder, packing
+from arctl_exporter.auto_round import fused_group_problems
+from arctl_exporter.errors import ExportError, ExportVerificationError
+
+FORMAT_NAME = "compressed-tensors"
+QUANT_METHOD = "compressed-tensors"
+# The compressed-tensors release whose layouts this writer reproduces (and is tested with).
+CT_VERSION = "0.20.0"
+MIXED = "mixed-precision"
+_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+
+
+def format_of(scheme: Scheme) -> str:
+    return {
+        "int": "pack-quantized",
+        "mxfp": "mxfp4-pack-quantized" if scheme.bits == 4 else "mxfp8-quantized",
+        "nvfp": "nvfp4-pack-quantized",
+        "fp8": "float-quantized",
+    }[scheme.dtype]
+
+
+def weight_args(scheme: Scheme) -> dict[str, Any]:
+    """compressed-tensors' ``QuantizationArgs`` of a scheme, as its ``model_dump(mode="json")`` writes them."""
+    if scheme.dtype == "int":
+        channel = scheme.group_size == PER_CHANNEL
+        return {
+            "num_bits": scheme.bits,
+            "type": "int",
+            "symmetric": scheme.sym,
+            "group_size": None if channel else scheme.group_size,
+            "strategy": "channel" if channel else "group",
+            "dynamic": False,
+        }
+    if scheme.dtype == "fp8":
+        return {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "group_size": None,
+            "strategy": "channel",
+            "dynamic": False,
+        }
+    if scheme.dtype == "nvfp":
+        return {
+            "num_bits": 4,
+            "type": "float",
+            "symmetric": True,
+            "group_size": 16,
+            "strategy": "tensor_group",
+            "dynamic": False,
+            "scale_dtype": "torch.float8_e4m3fn",
+        }
+    return {
+        "num_bits": scheme.bits,
+        "type": "float",
+        "symmetric": True,
+        "group_size": 32,
+        "strategy": "group",
+        "dynamic": False,
+        "scale_dtype": "torch.uint8",
+    }
+
+
+def layer_problem(layer: LayerPlan) -> str | None:
+    scheme = layer.scheme
+    if not scheme.quantized:
+        return None
+    out_features, in_features = layer.shape
+    head = f"{layer.name}: {scheme.name} cannot be written as {FORMAT_NAME}"
+    if not scheme.fits(in_features):
+        return f"{head} (group size {scheme.group_size} does not divide in_features {in_features}); plan a group size that does"
+    if scheme.dtype == "int":
+        if (in_features * scheme.bits) % 32:
+            return f"{head} (in_features {in_features} x {scheme.bits} bits does not fill whole int32 words); use gguf"
+        if not scheme.sym and (out_features * scheme.bits) % 32:
+            return f"{head} (out_features {out_features} x {scheme.bits} bits does not fill the zero-point words); use gguf"
+    return None
+
+
+def nvfp4_fused_problems(layers: tuple[LayerPlan, ...], quantized: dict[str, QuantizedTensor]) -> list[str]:
+    """NVFP4 layers of one fused group whose global scales differ."""
+    first: dict[str, LayerPlan] = {}
+    problems = []
+    for layer in layers:
+        if layer.fused_group is None or layer.scheme.dtype != "nvfp":
+            continue
+        lead = first.setdefault(layer.fused_group, layer)
+        mine, theirs = quantized[layer.name].global_scale, quantized[lead.name].global_scale
+        if mine is not None and theirs is not None and not torch.equal(mine, theirs):
+            problems.append(
+                f"{layer.name}: NVFP4 global scale {float(mine[0]):.6g} differs from {float(theirs[0]):.6g} of "
+                f"{lead.name} in fused group {layer.fused_group}; vLLM and SGLang run the group with one global "
+                "scale: quantize the group with a shared global scale, or use auto_round (INT) or gguf"
+            )
+    return problems
+
+
+def quantization_config(layers: tuple[LayerPlan, ...], float_names: list[str]) -> dict[str, Any]:
+    """The ``quantization_config``: one group per scheme (most common first), ``ignore`` the rest."""
+    quantized = [layer for layer in layers if layer.scheme.quantized]
+    if not quantized:
+        raise ExportError(
+            f"the plan quantizes no layer: nothing to write as {FORMAT_NAME}; keep the source model"
+        )
+    order = [scheme for scheme, _ in Counter(layer.scheme for layer in quantized).most_common()]
+    groups: dict[str, Any] = {}
+    for index, scheme in enumerate(order):
+        groups[f"group_{index}"] = {
+            "targets": [layer.name for layer in quantized if layer.scheme == scheme],
+            "weights": weight_args(scheme),
+            "input_activations": None,
+            "output_activations": None,
+            "format": format_of(scheme),
+        }
+    ignore = [layer.name for layer in layers if not layer.scheme.quantized]
+    planned = {layer.name for layer in layers}
+    ignore += [
+        module
+        for name in float_names
+        if name.endswith(".weight") and (module := name.removesuffix(".weight")) not in planned
+    ]
+    if "lm_head" not in planned and "lm_head" not in ignore:
+        ignore.append("lm_head")  # tied to the embeddings, or not listed: never quantized
+    formats = {group["format"] for group in groups.values()}
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": formats.pop() if len(formats) == 1 else MIXED,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "version": CT_VERSION,
+        "provider": "arctl",
+    }
+
+
+def _pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """E2M1 nibbles uint8 ``[out, in]`` -> uint8 ``[out, in/2]``, element 2i in the low nibble."""
+    return (codes[:, 0::2] & 0xF) | ((codes[:, 1::2] & 0xF) << 4)
+
+
+def part_names(qt: QuantizedTensor) -> tuple[str, ...]:
+    """The tensors a layer gets (``_tensors``' keys), without packing anything."""
+    dtype = qt.scheme.dtype
+    if dtype == "int":
+        return ("weight_packed", "weight_scale", "weight_shape") + (
+            ("weight_zero_point",) if qt.zeros is not None else ()
+        )
+    if dtype == "nvfp":
+        return ("weight_packed", "weight_scale", "weight_global_scale")
+    if dtype == "fp8" or qt.scheme.bits == 8:
+        return ("weight", "weight_scale")
+    return ("weight_packed", "weight_scale")
+
+
+def _tensors(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    scheme = qt.scheme
+    if scheme.dtype == "int":
+        result = {
+            "weight_packed": packing.pack_stream(qt.codes, scheme.bits),
+            "weight_scale": qt.scales.to(torch.float16).contiguous(),
+            "weight_shape": torch.tensor(qt.shape, dtype=torch.int64),
+        }
+        if qt.zeros is not None:
+            result["weight_zero_point"] = packing.pack_stream(qt.zeros.t(), scheme.bits).t().contiguous()
+        return result
+    if scheme.dtype == "fp8":
+        return {"weight": qt.codes.view(torch.float8_e4m3fn), "weight_scale": qt.scales.float().contiguous()}
+    if scheme.dtype == "nvfp":
+        if qt.global_scale is None:
+            raise ExportError(
+                f"an NVFP4 layer of shape {list(qt.shape)} has no global scale; re-run the tuner"
+            )
+        return {
+            "weight_packed": _pack_fp4(qt.codes),
+            "weight_scale": qt.scales.to(torch.float8_e4m3fn).contiguous(),
+            "weight_global_scale": qt.global_scale.float().reshape(1),
+        }
+    if scheme.bits == 4:
+        return {"weight_packed": _pack_fp4(qt.codes), "weight_scale": qt.scales.to(torch.uint8).contiguous()}
+    return {
+        "weight": qt.codes.view(torch.float8_e4m3fn),
+        "weight_scale": qt.scales.to(torch.uint8).contiguous(),
+    }
+
+
+# --- verification (independent reader) ------------------------------------------------------------------
+
+
+def _np_e2m1(nibbles: np.ndarray) -> np.ndarray:
+    magnitude = _E2M1[nibbles & 7]
+    return np.where(nibbles & 8, -magnitude, magnitude).astype(np.float32)
+
+
+def _np_e4m3(bits: np.ndarray) -> np.ndarray:
+    """float8_e4m3fn bit patterns -> float32 by arithmetic (no NaN codes are ever written)."""
+    bits = bits.astype(np.int64)
+    exponent, mantissa = (bits >> 3) & 0xF, bits & 7
+    magnitude = np.where(
+        exponent == 0, np.ldexp(mantissa.astype(np.float64), -9), np.ldexp(1.0 + mantissa / 8.0, exponent - 7)
+    )
+    return np.where(bits & 0x80, -magnitude, magnitude).astype(np.float32)
+
+
+def _np_unpack_fp4(packed: np.ndarray) -> np.ndarray:
+    out = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
+    out[:, 0::2], out[:, 1::2] = packed & 0xF, packed >> 4
+    return out
+
+
+def _np_grouped(values: np.ndarray, per_group: np.ndarray) -> np.ndarray:
+    """Broadcast ``per_group`` ``[out, groups]`` over ``values`` ``[out, in]``."""
+    width = values.shape[1] // per_group.shape[1]
+    return np.repeat(per_group, width, axis=1)
+
+
+def np_dequantize(arrays: dict[str, np.ndarray], scheme: Scheme, shape: tuple[int, int]) -> np.ndarray:
+    """float32 ``[out, in]`` from the written arrays alone."""
+    if scheme.dtype == "int":
+        codes = hf_folder.np_unpack_stream(arrays["weight_packed"], scheme.bits).astype(np.float32)
+        scale = arrays["weight_scale"].astype(np.float32)
+        if "weight_zero_point" in arrays:
+            zeros = hf_folder.np_unpack_stream(arrays["weight_zero_point"].T, scheme.bits).T.astype(
+                np.float32
+            )
+        else:
+            zeros = np.full_like(scale, float(1 << (scheme.bits - 1)))
+        return (codes - _np_grouped(codes, zeros)) * _np_grouped(codes, scale)
+    if scheme.dtype == "fp8":
+        return _np_e4m3(arrays["weight"].view(np.uint8)) * arrays["weight_scale"].astype(np.float32)
+    if scheme.dtype == "nvfp":
+        values = _np_e2m1(_np_unpack_fp4(arrays["weight_packed"]))
+        scale = _np_e4m3(arrays["weight_scale"].view(np.uint8))
+        return (values * _np_grouped(values, scale)) / arrays["weight_global_scale"].astype(np.float32)
+    values = (
+        _np_e2m1(_np_unpack_fp4(arrays["weight_packed"]))
+        if scheme.bits == 4
+        else _np_e4m3(arrays["weight"].view(np.uint8))
+    )
+    exponent = arrays["weight_scale"].astype(np.int64) - 127
+    return values * _np_grouped(values, np.ldexp(np.float32(1.0), exponent).astype(np.float32))
+
+
+def _read_array(handle: Any, key: str) -> np.ndarray:
+    """safetensors' numpy API has no float8: read those as their bytes."""
+    tensor = handle.get_tensor(key)
+    return tensor.view(torch.uint8).numpy() if tensor.dtype == torch.float8_e4m3fn else tensor.numpy()
+
+
+def verify_folder(
+    folder: Path,
+    checkpoint: QuantizedCheckpoint,
+    quantized: dict[str, QuantizedTensor],
+    layout: hf_folder.FloatLayout,
+) -> None:
+    def fail(message: str) -> None:
+        raise ExportVerificationError(f"{folder.name}: {message}")
+
+    qconfig = hf_folder.read_json(folder / "config.json").get("quantization_config", {})
+    if qconfig.get("quant_method") != QUANT_METHOD:
+        fail("config.json lacks the compressed-tensors quantization_config")
+    targets = {
+        target: group
+        for group in qconfig.get("config_groups", {}).values()
+        for target in group.get("targets", [])
+    }
+    for layer in checkpoint.plan.layers:
+        group = targets.get(layer.name)
+        if layer.scheme.quantized and (
+            group is None
+            or group["weights"] != weight_args(layer.scheme)
+            or group["format"] != format_of(layer.scheme)
+        ):
+            fail(f"{layer.name} is not targeted by a group of its scheme {layer.scheme.name}")
+        if not layer.scheme.quantized and (group is not None or layer.name not in qconfig.get("ignore", [])):
+            fail(f"{layer.name} (kept in float) is targeted or not ignored")
+    expected_keys = set(layout.keys) | {
+        f"{name}.{part}" for name, qt in quantized.items() for part in part_names(qt)
+    }
+    if (keys := hf_folder.tensor_keys(folder)) != expected_keys:
+        fail(
+            f"tensor names differ: missing {sorted(expected_keys - keys)[:3]}, extra {sorted(keys - expected_keys)[:3]}"
+        )
+    with safe_open(str(folder / hf_folder.MODEL_FILE), framework="pt") as handle:
+        for name, qt in quantized.items():
+            arrays = {part: _read_array(handle, f"{name}.{part}") for part in part_names(qt)}
+            got = np_dequantize(arrays, qt.scheme, qt.shape)
+            if got.shape != qt.shape or not np.array_equal(got, dequantize(qt).numpy()):
+                fail(f"{name}: written tensors do not dequantize to the checkpoint's values")
+    hf_folder.verify_float_tensors(folder, checkpoint, layout)
+
+
+class CompressedTensorsWriter:
+    """``compressed-tensors`` format: INT (pack-quantized), MXFP4, MXFP8, NVFP4 and FP8, mixed allowed."""
+
+    name = FORMAT_NAME
+    description = (
+        "quant_method compressed-tensors: pack-quantized INT, MXFP4, MXFP8, NVFP4, FP8; one group per scheme"
+    )
+    dtypes = ("int", "mxfp", "nvfp", "fp8")
+    int_bits = (2, 3, 4, 5, 6, 8)
+    runtimes = ("transformers", "vllm", "sglang")
+
+    def check(self, checkpoint: QuantizedCheckpoint) -> None:
+        layers = checkpoint.plan.layers
+        problems = [problem for layer in layers if (problem := layer_problem(layer))]
+        problems += fused_group_problems(layers)  # vLLM and SGLang refuse a fused module whose shards differ
+        hf_folder.join_problems(problems)
+        quantization_config(layers, [])
+        if any(layer.scheme.dtype == "nvfp" and layer.fused_group for layer in layers):
+            hf_folder.join_problems(nvfp4_fused_problems(layers, checkpoint.quantized_tensors()))
+
+    def write(self, checkpoint: QuantizedCheckpoint, out_dir: Path) -> Path:
+        """Write, verify and rename into ``out_dir``; on any failure nothing is left behind."""
+        self.check(checkpoint)
+        layers = checkpoint.plan.layers
+        quantized = checkpoint.quantized_tensors()
+        blocks = hf_folder.blocks_of(layers)
+        layout = hf_folder.float_layout(checkpoint, quantized, blocks, cast=None)
+        tensors = hf_folder.float_tensors(checkpoint, layout)
+        qconfig = quantization_config(layers, [key for key, tensor in tensors.items() if tensor.dim() == 2])
+        for name, qt in quantized.items():
+            tensors.update({f"{name}.{part}": tensor for part, tensor in _tensors(qt).items()})
+        config = {**layout.config, "quantization_config": qconfig}
+        out_dir = Path(out_dir)
+        with atomic_directory(out_dir) as tmp:
+            hf_folder.save_folder(tmp, checkpoint, tensors, config)
+            verify_folder(tmp, checkpoint, quantized, layout)
+        return out_dir
