@@ -38,6 +38,7 @@ class PlanRequest(_message.Message):
     NSAMPLES_FIELD_NUMBER: _builtins.int
     SEQLEN_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    SENSITIVITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The full-precision model: a local HF folder, a GGUF file, or a hub id."""
     target_avg_bits: _builtins.float
@@ -55,6 +56,10 @@ class PlanRequest(_message.Message):
     seqlen: _builtins.int
     seed: _builtins.int
     """Seed for sampling the calibration data. Unset = engine default."""
+    sensitivity: _builtins.str
+    """How layer sensitivity is measured: "fisher" (predicted KL from calibration data) or "weight"
+    (squared weight error, no data). Empty = "fisher".
+    """
     @_builtins.property
     def candidate_schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Scheme preset names the planner may choose from, e.g. "W4A16", "W2A16G32_ASYM", "MXFP4",
@@ -89,10 +94,11 @@ class PlanRequest(_message.Message):
         nsamples: _builtins.int | None = ...,
         seqlen: _builtins.int | None = ...,
         seed: _builtins.int | None = ...,
+        sensitivity: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes", "_nsamples", b"_nsamples", "_seed", b"_seed", "_seqlen", b"_seqlen", "_target_avg_bits", b"_target_avg_bits", "calibration_data", b"calibration_data", "max_size_bytes", b"max_size_bytes", "nsamples", b"nsamples", "seed", b"seed", "seqlen", b"seqlen", "target_avg_bits", b"target_avg_bits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes", "_nsamples", b"_nsamples", "_seed", b"_seed", "_seqlen", b"_seqlen", "_target_avg_bits", b"_target_avg_bits", "calibration_data", b"calibration_data", "candidate_schemes", b"candidate_schemes", "keep", b"keep", "max_size_bytes", b"max_size_bytes", "model", b"model", "nsamples", b"nsamples", "pareto_budgets", b"pareto_budgets", "seed", b"seed", "seqlen", b"seqlen", "target_avg_bits", b"target_avg_bits", "target_runtime", b"target_runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes", "_nsamples", b"_nsamples", "_seed", b"_seed", "_seqlen", b"_seqlen", "_target_avg_bits", b"_target_avg_bits", "calibration_data", b"calibration_data", "candidate_schemes", b"candidate_schemes", "keep", b"keep", "max_size_bytes", b"max_size_bytes", "model", b"model", "nsamples", b"nsamples", "pareto_budgets", b"pareto_budgets", "seed", b"seed", "sensitivity", b"sensitivity", "seqlen", b"seqlen", "target_avg_bits", b"target_avg_bits", "target_runtime", b"target_runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_size_bytes: _TypeAlias = _typing.Literal["max_size_bytes"]  # noqa: Y015
     _WhichOneofArgType__max_size_bytes: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes"]  # noqa: Y015

@@ -31,8 +31,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     def StartPlan(self, request: planner_pb2.PlanRequest, context: grpc.ServicerContext) -> common_pb2.JobRef:
         params = plan_params(request, self.artefacts)
         self.artefacts.model_reference(params.model)
-        record = self.manager.submit(JOB_KIND, request.SerializeToString())
-        return common_pb2.JobRef(job_id=record.job_id)
+        return verbs.submit(self.manager, JOB_KIND, request, context)
 
     def Watch(self, request: common_pb2.WatchRequest, context: grpc.ServicerContext) -> Iterator[common_pb2.ProgressEvent]:
         yield from verbs.watch(self.manager, request, context)

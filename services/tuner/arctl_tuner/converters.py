@@ -7,13 +7,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from arctl.data import LOCAL_DATASETS
 from arctl.plan import Plan
 from arctl.rpc import convert
 from arctl.rpc.artefacts import ArtefactPolicy
 from arctl.rpc.errors import InvalidArgument, Unsupported
 from arctl.rpc.jobs import JobRecord, JobState
 from arctl.v1 import common_pb2, tuner_pb2
-from arctl_tuner.tuning import RECIPES, TuneConfig, select_engine
+from arctl_tuner.config import RECIPES, recipe
+from arctl_tuner.tuning import DEFAULT_DATASET, TuneJobSettings
+
+# The proto's names for the recipes, besides the engine's own (rtn, light, default, best).
+RECIPE_ALIASES = {"": "default", "signround": "default"}
 
 
 @dataclass(frozen=True)
@@ -23,8 +28,8 @@ class TuneParams:
     model: str
     plan: Plan
     output_uri: str
-    output: Path
-    config: TuneConfig
+    output: Path | None  # None: a URL output, written to a staging folder and uploaded
+    settings: TuneJobSettings
     resume: bool
 
 
@@ -32,39 +37,38 @@ def _optional(request: tuner_pb2.TuneRequest, name: str) -> int | float | None:
     return getattr(request, name) if request.HasField(name) else None
 
 
-def tune_config(request: tuner_pb2.TuneRequest, artefacts: ArtefactPolicy) -> TuneConfig:
-    recipe = request.recipe or "signround"
-    if recipe not in RECIPES:
-        raise InvalidArgument(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
-    if recipe == "rtn" and request.HasField("iters") and request.iters != 0:
-        raise InvalidArgument("recipe 'rtn' takes no steps; leave iters unset or 0")
+def _dataset(request: tuner_pb2.TuneRequest, artefacts: ArtefactPolicy) -> str:
+    """A local dataset name (``wikitext2``, ``c4``) as is, or a file inside the allowed roots."""
+    if not request.HasField("calibration_data") or not request.calibration_data.uri:
+        return DEFAULT_DATASET
+    uri = request.calibration_data.uri
+    if uri in LOCAL_DATASETS:
+        return uri
+    return str(artefacts.existing(uri, "calibration_data", "file"))
+
+
+def tune_settings(request: tuner_pb2.TuneRequest, artefacts: ArtefactPolicy, data_dir: Path | None) -> TuneJobSettings:
+    name = RECIPE_ALIASES.get(request.recipe, request.recipe)
+    if name not in RECIPES:
+        raise InvalidArgument(f"unknown recipe {request.recipe!r}; valid: {', '.join(RECIPES)}")
     lr = _optional(request, "lr")
-    if lr is not None and not (math.isfinite(lr) and lr > 0):
-        raise InvalidArgument(f"lr must be a positive number, got {lr}")
-    for name in ("batch_size", "nsamples", "seqlen"):
-        if request.HasField(name) and getattr(request, name) == 0:
-            raise InvalidArgument(f"{name} must be positive")
+    if lr is not None and not math.isfinite(lr):
+        raise InvalidArgument(f"lr must be a finite number, got {lr}")
     if request.quantize_lm_head:
         raise Unsupported("quantize_lm_head is not supported yet: plans cover the decoder blocks")
-    data = (
-        artefacts.existing(request.calibration_data.uri, "calibration_data")
-        if request.HasField("calibration_data")
-        else None
-    )
-    return TuneConfig(
-        recipe=recipe,
-        iters=_optional(request, "iters"),  # type: ignore[arg-type]
+    config = recipe(
+        name,
+        iters=_optional(request, "iters"),
         lr=lr,
-        batch_size=_optional(request, "batch_size"),  # type: ignore[arg-type]
-        nsamples=_optional(request, "nsamples"),  # type: ignore[arg-type]
-        seqlen=_optional(request, "seqlen"),  # type: ignore[arg-type]
-        seed=_optional(request, "seed"),  # type: ignore[arg-type]
-        calibration_data=data,
-        quantize_lm_head=request.quantize_lm_head,
+        batch_size=_optional(request, "batch_size"),
+        nsamples=_optional(request, "nsamples"),
+        seqlen=_optional(request, "seqlen"),
+        seed=_optional(request, "seed"),
     )
+    return TuneJobSettings(config, _dataset(request, artefacts) if config.iters > 0 else DEFAULT_DATASET, data_dir)
 
 
-def tune_params(request: tuner_pb2.TuneRequest, artefacts: ArtefactPolicy) -> TuneParams:
+def tune_params(request: tuner_pb2.TuneRequest, artefacts: ArtefactPolicy, data_dir: Path | None = None) -> TuneParams:
     """Validate a TuneRequest (InvalidArgument, NOT_FOUND, PERMISSION_DENIED errors with the reason)."""
     if not request.model:
         raise InvalidArgument("model is required")
@@ -78,10 +82,9 @@ def tune_params(request: tuner_pb2.TuneRequest, artefacts: ArtefactPolicy) -> Tu
         raise InvalidArgument("a plan is required: set plan or plan_ref")
     if not request.HasField("output") or not request.output.uri:
         raise InvalidArgument("output is required: the folder to write the checkpoint to")
-    output = artefacts.output_path(request.output.uri, "output")
-    config = tune_config(request, artefacts)
-    select_engine(config)
-    return TuneParams(model, plan, request.output.uri, output, config, request.resume)
+    output = artefacts.check_output(request.output.uri, "output")
+    settings = tune_settings(request, artefacts, data_dir)
+    return TuneParams(model, plan, request.output.uri, output, settings, request.resume)
 
 
 def tune_job_status(record: JobRecord) -> tuner_pb2.TuneJobStatus:

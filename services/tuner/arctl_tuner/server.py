@@ -10,16 +10,18 @@ from arctl.models import EMBEDDED_MODELS
 from arctl.rpc.errors import DOMAIN_ERRORS, ErrorMap
 from arctl.rpc.server import Components, RunningServer, ServerSettings, main, start_server
 from arctl.v1 import tuner_pb2, tuner_pb2_grpc
+from arctl_tuner.config import TuneConfigError
+from arctl_tuner.resume import ResumeMismatchError
 from arctl_tuner.rtn import PlanMismatchError
 from arctl_tuner.servicer import TunerServicer
-from arctl_tuner.tuning import EngineUnavailableError
 
 SERVICE = "tuner"
 SERVICE_NAME = tuner_pb2.DESCRIPTOR.services_by_name["TunerService"].full_name
 ERRORS: ErrorMap = DOMAIN_ERRORS.extended(
     [
         (PlanMismatchError, grpc.StatusCode.INVALID_ARGUMENT),
-        (EngineUnavailableError, grpc.StatusCode.UNIMPLEMENTED),
+        (TuneConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+        (ResumeMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     ]
 )
 

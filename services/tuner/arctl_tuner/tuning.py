@@ -1,74 +1,54 @@
-"""The one switch between the tuning engines the service (and later the CLI) can run.
+"""The one function the tuner service runs: the same engine call as the embedded pipeline
+(``arctl_cli.pipeline.tune_from_settings``), so a remote tune gives the same bytes.
 
-Every engine has the signature ``TuneEngine``: (loaded model, plan, output folder, config,
-progress callback, resume folder) -> the checkpoint folder. The resume folder is where an engine
-keeps finished blocks; it is empty on a fresh start and holds the previous attempt's blocks when a
-job resumes (after a server restart or with ``TuneRequest.resume``). ``select_engine`` picks the
-engine for a config; when the block-wise SignRound engine lands, it is returned here for
-``iters > 0``.
+``iters == 0`` (recipe ``rtn``) is round-to-nearest and reads no data; otherwise the calibration
+samples are drawn from ``dataset`` (a local dataset name such as ``wikitext2``/``c4``, or a file)
+and SignRound runs block by block, keeping finished blocks in ``work_dir`` so that ``resume``
+continues from the last one (after a server restart, or on a request with ``resume`` set).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from arctl.data import calibration_samples
 from arctl.models import LoadedModel
 from arctl.plan import Plan
 from arctl.progress import ProgressCallback
-from arctl_tuner.rtn import quantize_rtn
+from arctl_tuner.config import TuneConfig
+from arctl_tuner.engine import default_work_dir, tune_model
 
-RECIPES = ("rtn", "signround")
-DEFAULT_RECIPE = "signround"
-
-
-class EngineUnavailableError(NotImplementedError):
-    """The requested tuning method is not available in this build."""
+DEFAULT_DATASET = "wikitext2"
 
 
 @dataclass(frozen=True)
-class TuneConfig:
-    """Settings of one tuning run; None = the recipe's default."""
+class TuneJobSettings:
+    """What a tune request asks for: the engine's config and where its calibration text comes from."""
 
-    recipe: str = DEFAULT_RECIPE
-    iters: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    nsamples: int | None = None
-    seqlen: int | None = None
-    seed: int | None = None
-    calibration_data: Path | None = None
-    quantize_lm_head: bool = False
-
-    @property
-    def is_rtn(self) -> bool:
-        return self.recipe == "rtn" or self.iters == 0
+    config: TuneConfig
+    dataset: str = DEFAULT_DATASET
+    data_dir: Path | None = None
 
 
-TuneEngine = Callable[[LoadedModel, Plan, Path, TuneConfig, ProgressCallback, Path | None], Path]
+def work_folder(out_dir: Path) -> Path:
+    """Where the engine keeps finished blocks of ``out_dir`` until the checkpoint is complete."""
+    return default_work_dir(out_dir)
 
 
-def rtn_engine(
+def run_tuning(
     loaded: LoadedModel,
     plan: Plan,
     out_dir: Path,
-    config: TuneConfig,
+    settings: TuneJobSettings,
     progress: ProgressCallback,
-    resume_dir: Path | None,
+    resume: bool,
 ) -> Path:
-    """Round to nearest: no data, no steps, nothing to resume (a rerun gives the same bytes)."""
-    return quantize_rtn(loaded, plan, out_dir, progress)
-
-
-def select_engine(config: TuneConfig) -> TuneEngine:
-    """The engine for ``config``.
-
-    Raises:
-        EngineUnavailableError: SignRound (iters > 0) until its engine is wired in here.
-    """
-    if config.is_rtn:
-        return rtn_engine
-    raise EngineUnavailableError(
-        "SignRound tuning (iters > 0) is not available in this build yet; use recipe 'rtn' or iters 0"
-    )
+    """Read the calibration samples the settings name (if tuning) and run the tuner engine."""
+    config = settings.config
+    calibration = None
+    if config.iters > 0:
+        calibration = calibration_samples(
+            loaded.tokenizer, settings.dataset, config.nsamples, config.seqlen, config.seed, data_dir=settings.data_dir
+        )
+    return tune_model(loaded, plan, out_dir, config, calibration, progress, work_dir=work_folder(out_dir), resume=resume)
