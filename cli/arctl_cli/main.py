@@ -14,7 +14,7 @@ from arctl.logs import configure_logging
 from arctl.models import DEFAULT_MODEL, load_model
 from arctl.plan import Plan
 from arctl.schemes import get_scheme
-from arctl_cli import render
+from arctl_cli import remote, render
 from arctl_cli.errors import fail, user_errors_exit_2
 from arctl_cli.evaluate import evaluate_target
 from arctl_cli.inspection import inspect_path, read_plan
@@ -33,6 +33,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+remote.register(app)
 DEFAULT_FORMAT = "auto_round"
 
 ModelOpt = Annotated[
@@ -169,6 +170,9 @@ def quantize_command(
     dataset: DatasetOpt = "wikitext2",
     resume: ResumeOpt = False,
     as_json: JsonOpt = False,
+    planner: Annotated[str | None, typer.Option("--planner", envvar="ARCTL_PLANNER_ADDR", help="Planner service host:port (remote mode).")] = None,
+    tuner: Annotated[str | None, typer.Option("--tuner", envvar="ARCTL_TUNER_ADDR", help="Tuner service host:port (remote mode).")] = None,
+    exporter: Annotated[str | None, typer.Option("--exporter", envvar="ARCTL_EXPORTER_ADDR", help="Exporter service host:port (remote mode).")] = None,
 ) -> None:
     """Plan, quantize (round to nearest or SignRound), export and evaluate in one go (default: SmolLM2
     at 4.5 bits, round to nearest)."""
@@ -181,6 +185,16 @@ def quantize_command(
         raise fail("give only one of --avg-bits, --scheme and --plan")
     uniform = get_scheme(scheme) if scheme is not None else None
     request = build_request((avg_bits or 4.5,), schemes, runtime_for(formats, runtime), keep or [], sensitivity)
+    addresses = remote.ServiceAddresses.given(planner, tuner, exporter)
+    if addresses is not None:
+        choice = remote.PlanChoice(
+            plan_file, scheme, avg_bits, tuple(n.strip() for n in (schemes or "").split(",") if n.strip()),
+            runtime_for(formats, runtime), tuple(keep or ()), sensitivity, dataset,
+        )
+        tuning_remote = remote.RemoteTuning(recipe_name, iters, nsamples, seqlen, batch_size, lr, seed, dataset, resume)
+        evaluation = EvalSettings(eval_seqlen, eval_windows or None, data_dir) if evaluate else None
+        remote.quantize_remote(addresses, model, out, choice, list(formats), evaluation, as_json, tuning_remote)
+        return
     tuning = TuneSettings(
         recipe(recipe_name, iters=iters, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lr=lr, seed=seed),
         dataset,
