@@ -21,6 +21,7 @@ from arctl_cli.inspection import inspect_path, read_plan
 from arctl_cli.picture import plan_bars_png
 from arctl_cli.pipeline import EvalSettings, TuneSettings, run_quantize, tune_from_settings
 from arctl_cli.planning import build_request, make_plans, resolve_targets, runtime_for
+from arctl_cli.serving import register_serving_commands
 from arctl_exporter.engine import export
 from arctl_exporter.registry import WRITERS
 from arctl_planner.engine import plan_uniform
@@ -34,6 +35,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 remote.register(app)
+register_serving_commands(app)
 DEFAULT_FORMAT = "auto_round"
 
 ModelOpt = Annotated[
