@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from arctl_serve.generation import is_checkpoint
-from arctl_serve.quantinfo import describe
 
 from arctl.models import ModelNotFoundError, resolve_model
 from arctl_cli.errors import fail, user_errors_exit_2
 from arctl_gateway.config import ConfigError, GatewayConfig, load_config, parse_set
+from arctl_serve.generation import is_checkpoint
+from arctl_serve.quantinfo import describe
 
 ENGINES = ("auto", "sglang", "embedded")
 WORKER_START_TIMEOUT_S = {"sglang": 1800.0, "embedded": 600.0}

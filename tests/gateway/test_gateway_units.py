@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from arctl_serve.quantinfo import describe
 
 from arctl_gateway.admission import Admission, Rejected
 from arctl_gateway.config import BucketsConfig, GatewayConfig, RoutingConfig, WorkerConfig
@@ -18,6 +17,7 @@ from arctl_gateway.metrics import GatewayMetrics
 from arctl_gateway.proxy import _StreamState, split_events
 from arctl_gateway.validation import parse_body
 from arctl_gateway.workers import CircuitBreaker, WorkerPool
+from arctl_serve.quantinfo import describe
 
 
 class Clock:
