@@ -58,9 +58,14 @@ Usage::
     # smoke run (a few minutes)
     python benchmarks/tuner_vs_autoround.py --iters 2 --nsamples 8 --seqlen 64 --eval-windows 1 \\
         --eval-seqlen 512 --schemes W4A16G64 --out /tmp/smoke.json --validate-export
-    # the reference settings on a GPU (both sides on the device)
+    # the reference settings on a GPU (both sides on the device; see the note below)
     python benchmarks/tuner_vs_autoround.py --device cuda --nsamples 128 --seqlen 2048 --iters 200 \\
         --eval-windows 40
+
+GPU note: ``--device cuda`` puts auto-round on ``device_map="cuda"`` and arctl's model and
+calibration ids on the GPU. Untested here (no GPU on this machine); arctl's tuner as of this
+writing creates its tunable parameters on the CPU and autocasts with ``device_type="cpu"``, so its
+side needs a device-aware tuner first.
 
 Flags: --nsamples --seqlen --iters --batch-size --seed --calib --eval-seqlen --eval-windows
 --schemes (comma list of arctl presets) --out --device (auto | cpu | cuda) --work-dir --keep-work
@@ -68,16 +73,17 @@ Flags: --nsamples --seqlen --iters --batch-size --seed --calib --eval-seqlen --e
 ``benchmarks/results/tuner_vs_autoround.json``), rewritten after every scheme.
 
 CPU defaults, measured here. One auto-round INT4 run at 32 x 512 tokens, 50 iters takes ~34 minutes
-on these 2 cores. The cores are shared with other engineers' test runs, and timings swing with that
-load far more than the load itself suggests (both tuners run 2 OpenMP threads, which stall when a
-core is taken): W4A16G64 at 32 x 128 tokens, 20 iters took arctl 800 s and auto-round 482 s with
-~1 core busy elsewhere, while at 10 iters with the machine otherwise idle it took 58 s and 92 s.
-At 10 iters (lr 1/10) neither tuner beat RTN's perplexity on W4A16G64; at 20 both did. So the
-defaults are 32 x 128 tokens and 20 iters (lr 1/20): about 30 minutes for the four schemes on an
-idle machine, 60-75 under load. Tuning cost grows with iters x batch x seqlen (nsamples only adds
-the cached forward passes). Every run records ``other_load_cores``: compare wall times only where
-it is near 0 for both sides. A smoke run (8 x 64 tokens, 2 iters, 1 x 512 eval tokens, four
-schemes) takes 10-30 minutes, dominated by per-block fixed costs.
+on these 2 cores, so the issue's example settings do not fit eight tuned runs in an hour. Tuning
+cost grows with iters x batch x seqlen (nsamples only adds the cached forward passes). At 10 iters
+(lr 1/10) neither tuner beat RTN's perplexity on W4A16G64; at 20 both did. The defaults, 32 x 128
+tokens and 20 iters (lr 1/20), took 33.5 minutes for the four schemes (W4A16G64 idle: arctl 105 s,
+auto-round 121 s; ~1.5 minutes per scheme to evaluate). The cores are shared with other engineers'
+test runs, and timings swing with that load far more than the load itself suggests (both tuners
+run 2 OpenMP threads, which stall when a core is taken): the same W4A16G64 run took arctl 800 s and
+auto-round 482 s with ~1 core busy elsewhere. Every run records ``other_load_cores``: compare wall
+times only where it is near 0 for both sides, else rerun that scheme (``--schemes``). A smoke run
+(8 x 64 tokens, 2 iters, 1 x 512 eval tokens, four schemes) takes 10-30 minutes, dominated by
+per-block fixed costs; its numbers mean nothing (lr 1/2).
 """
 
 from __future__ import annotations

@@ -97,6 +97,18 @@ def tune_model(
         fingerprint(loaded.sha256, plan, settings, calibration.input_ids),
         resume,
     )
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for param in frozen:  # only SignRound's own parameters need gradients; .grad on weights cost ~400 MB
+        param.requires_grad_(False)
+    try:
+        return _tune_blocks(loaded, plan, out_dir, config, calibration, progress, store, blocks, dtype, settings, started)
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
+
+
+def _tune_blocks(loaded, plan, out_dir, config, calibration, progress, store, blocks, dtype, settings, started) -> Path:
+    model = loaded.model
     inputs = capture_block_inputs(model, blocks[0][1], calibration.input_ids)
     fp_stream = q_stream = inputs.hidden
     quantized: dict[str, QuantizedTensor] = {}
