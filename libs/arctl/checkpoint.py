@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from arctl.atomic import atomic_directory
 from arctl.plan import Plan, PlanError
 from arctl.quant import QuantizedTensor
+from arctl.schemes import Scheme
 
 CHECKPOINT_FORMAT = "arctl.quantized_checkpoint"
 CHECKPOINT_VERSION = 1
@@ -41,6 +42,30 @@ _PARTS = ("codes", "scales", "zeros", "global_scale")
 
 class CheckpointError(ValueError):
     """A folder that is not a complete, intact QuantizedCheckpoint."""
+
+
+def flatten_quantized(quantized: Mapping[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
+    """``{"<layer>.codes": ..., "<layer>.scales": ..., ...}`` for safetensors (absent parts left out)."""
+    return {
+        f"{name}.{part}": getattr(qt, part).contiguous()
+        for name, qt in quantized.items()
+        for part in _PARTS
+        if getattr(qt, part) is not None
+    }
+
+
+def unflatten_quantized(tensors: Mapping[str, torch.Tensor], schemes: Mapping[str, Scheme]) -> dict[str, QuantizedTensor]:
+    """The inverse of ``flatten_quantized`` for the layers named in ``schemes``."""
+    return {
+        name: QuantizedTensor(
+            scheme=scheme,
+            codes=tensors[f"{name}.codes"],
+            scales=tensors[f"{name}.scales"],
+            zeros=tensors.get(f"{name}.zeros"),
+            global_scale=tensors.get(f"{name}.global_scale"),
+        )
+        for name, scheme in schemes.items()
+    }
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -115,19 +140,8 @@ class QuantizedCheckpoint:
     aliases: dict[str, str]
 
     def quantized_tensors(self) -> dict[str, QuantizedTensor]:
-        raw = load_file(str(self.path / QUANTIZED_FILE))
-        result = {}
-        for layer in self.plan.layers:
-            if not layer.scheme.quantized:
-                continue
-            result[layer.name] = QuantizedTensor(
-                scheme=layer.scheme,
-                codes=raw[f"{layer.name}.codes"],
-                scales=raw[f"{layer.name}.scales"],
-                zeros=raw.get(f"{layer.name}.zeros"),
-                global_scale=raw.get(f"{layer.name}.global_scale"),
-            )
-        return result
+        schemes = {layer.name: layer.scheme for layer in self.plan.layers if layer.scheme.quantized}
+        return unflatten_quantized(load_file(str(self.path / QUANTIZED_FILE)), schemes)
 
     def float_tensors(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / TENSORS_FILE))
@@ -157,13 +171,7 @@ def write_checkpoint(
         raise ValueError(f"quantized layers differ from the plan: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
     tensors, aliases = unique_tensors(float_tensors)
     with atomic_directory(Path(out_dir)) as tmp:
-        flat: dict[str, torch.Tensor] = {}
-        for name, qt in quantized.items():
-            for part in _PARTS:
-                value = getattr(qt, part)
-                if value is not None:
-                    flat[f"{name}.{part}"] = value.contiguous()
-        save_file(flat, str(tmp / QUANTIZED_FILE), metadata={"format": CHECKPOINT_FORMAT})
+        save_file(flatten_quantized(quantized), str(tmp / QUANTIZED_FILE), metadata={"format": CHECKPOINT_FORMAT})
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": CHECKPOINT_FORMAT})
         (tmp / "plan.json").write_text(plan.to_json(), encoding="utf-8")
         (tmp / "metadata.json").write_text(

@@ -20,11 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from arctl.checkpoint import flatten_quantized, unflatten_quantized
 from arctl.plan import Plan
 from arctl.quant import QuantizedTensor
 from arctl_tuner.signround import BlockStats
-
-_PARTS = ("codes", "scales", "zeros", "global_scale")
 
 
 class ResumeMismatchError(ValueError):
@@ -59,12 +58,7 @@ class BlockStore:
         return self.folder / f"block_{index:04d}.safetensors"
 
     def save(self, index: int, quantized: dict[str, QuantizedTensor], stats: BlockStats) -> None:
-        flat = {
-            f"{name}.{part}": getattr(qt, part).contiguous()
-            for name, qt in quantized.items()
-            for part in _PARTS
-            if getattr(qt, part) is not None
-        }
+        flat = flatten_quantized(quantized)
         metadata = {"stats": json.dumps(asdict(stats)), "layers": json.dumps(sorted(quantized))}
         final = self._path(index)
         tmp = final.with_suffix(".tmp")
@@ -79,16 +73,7 @@ class BlockStore:
             metadata = handle.metadata()
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         schemes = {layer.name: layer.scheme for layer in plan.layers}
-        quantized = {
-            name: QuantizedTensor(
-                scheme=schemes[name],
-                codes=tensors[f"{name}.codes"],
-                scales=tensors[f"{name}.scales"],
-                zeros=tensors.get(f"{name}.zeros"),
-                global_scale=tensors.get(f"{name}.global_scale"),
-            )
-            for name in json.loads(metadata["layers"])
-        }
+        quantized = unflatten_quantized(tensors, {name: schemes[name] for name in json.loads(metadata["layers"])})
         return quantized, BlockStats(**json.loads(metadata["stats"]))
 
     def remove(self) -> None:
