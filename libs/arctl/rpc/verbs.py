@@ -47,7 +47,9 @@ def watch(
     while context.is_active():
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
-            return
+            # end the stream with the deadline's own status, not OK: a client must not mistake an
+            # expired watch for a finished job (and the client's own deadline timer may not have fired yet).
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"watch deadline passed; watch again from sequence {next_sequence}")
         wait = POLL_SECONDS if remaining is None else max(min(POLL_SECONDS, remaining), 0.0)
         for event in manager.events_after(record.job_id, next_sequence, wait):
             yield convert.progress_event(event)
