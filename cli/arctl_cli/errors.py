@@ -16,6 +16,9 @@ from arctl.models import ModelNotFoundError, UnsafeModelError
 from arctl.plan import PlanError
 from arctl.quant import SchemeShapeError
 from arctl.schemes import UnknownSchemeError
+from arctl.tasks.registry import UnknownTaskError
+from arctl_cli.evaluate import EvalOptionError
+from arctl_cli.report import ReportError
 from arctl_exporter.errors import ExportError
 from arctl_planner.budget import BudgetError
 from arctl_tuner.config import TuneConfigError
@@ -28,16 +31,19 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     BudgetError,
     CheckpointError,
     DataError,
+    EvalOptionError,
     ExportError,
     FileExistsError,
     ModelNotFoundError,
     OutputNotWritableError,
     PlanError,
     PlanMismatchError,
+    ReportError,
     ResumeMismatchError,
     SchemeShapeError,
     TuneConfigError,
     UnknownSchemeError,
+    UnknownTaskError,
     UnsafeModelError,
 )
 

@@ -10,10 +10,13 @@ from typing import Annotated
 import typer
 from transformers.utils import logging as transformers_logging
 
+from arctl.atomic import atomic_write_text
 from arctl.logs import configure_logging
 from arctl.models import DEFAULT_MODEL, load_model
 from arctl.plan import Plan
 from arctl.schemes import get_scheme
+from arctl.tasks.registry import PERPLEXITY_TASK, TASKS
+from arctl.tasks.runner import TaskSettings
 from arctl_cli import remote, render
 from arctl_cli.errors import fail, user_errors_exit_2
 from arctl_cli.evaluate import evaluate_target
@@ -21,6 +24,7 @@ from arctl_cli.inspection import inspect_path, read_plan
 from arctl_cli.picture import plan_bars_png
 from arctl_cli.pipeline import EvalSettings, TuneSettings, run_quantize, tune_from_settings
 from arctl_cli.planning import build_request, make_plans, resolve_targets, runtime_for
+from arctl_cli.report import comparison_rows, read_run, write_report
 from arctl_cli.serving import register_serving_commands
 from arctl_exporter.engine import export
 from arctl_exporter.registry import WRITERS
@@ -267,18 +271,44 @@ def export_command(
 @user_errors_exit_2
 def eval_command(
     target: Annotated[str, typer.Argument(help="A model (folder, .gguf, smollm2, exported folder) or a checkpoint.")],
+    tasks: Annotated[
+        str, typer.Option("--tasks", "-t", help=f"Comma-separated tasks: {', '.join(TASKS)}.")
+    ] = PERPLEXITY_TASK,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="First N documents of each task (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 16,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (as loaded), float32, bfloat16 or float16.")] = "auto",
     reference: Annotated[
-        str | None, typer.Option("--reference", "-r", help="Float model for KL / top-1 (default: a checkpoint's source).")
+        str | None, typer.Option("--reference", "-r", help="Float model for KL / top-1 on WikiText-2 (default: a checkpoint's source).")
     ] = None,
     eval_seqlen: SeqlenOpt = 2048,
     eval_windows: WindowsOpt = 8,
     data_dir: DataDirOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the run report (JSON) for `arctl report`.")] = None,
+    label: Annotated[str | None, typer.Option("--label", help="Name of this run in `arctl report` (default: the target).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """WikiText-2 perplexity, and KL / top-1 agreement against a reference model."""
+    """Zero-shot tasks (lm-evaluation-harness protocols) and WikiText-2 perplexity, with standard errors."""
+    settings = TaskSettings(limit, batch_size, eval_seqlen, eval_windows or None, data_dir)
     with render.progress_bars(enabled=not as_json) as progress:
-        result = evaluate_target(target, reference, EvalSettings(eval_seqlen, eval_windows or None, data_dir), progress)
+        result = evaluate_target(target, tasks, settings, reference, dtype, progress)
+    result["label"] = label or target
+    if out is not None:
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     render.evaluation(result, as_json)
+
+
+@app.command("report")
+@user_errors_exit_2
+def report_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run reports written by `arctl eval --out`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="report.html (table + pictures) or report.png.")],
+) -> None:
+    """Compare evaluated runs side by side: accuracy vs true bits, per-task bars, the numbers."""
+    loaded = [read_run(path) for path in runs]
+    written = write_report(loaded, out)
+    header, rows = comparison_rows(loaded)
+    render.table("arctl report", header, rows)
+    print(f"wrote {written}")
 
 
 @app.command("inspect")

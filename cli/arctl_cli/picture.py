@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib import pyplot
+from matplotlib.figure import Figure
 
+from arctl.atomic import atomic_write_bytes
 from arctl.plan import Plan
 
 
@@ -31,14 +32,15 @@ def plan_bars_png(plan: Plan, path: Path) -> Path:
     axes.set_title(f"{plan.model_id}: {len(plan.layers)} layers")
     axes.legend(loc="upper right", fontsize=7, ncol=min(len(names) + 1, 6))
     figure.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
+    return write_figure_png(figure, Path(path))
+
+
+def write_figure_png(figure: Figure, path: Path) -> Path:
+    """Save ``figure`` as PNG at ``path`` through a temporary file, then close it."""
+    buffer = io.BytesIO()
     try:
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        figure.savefig(buffer, format="png")
     finally:
         pyplot.close(figure)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, buffer.getvalue())
     return path

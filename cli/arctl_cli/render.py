@@ -124,19 +124,43 @@ def quantize_report(report: QuantizeReport, as_json: bool) -> None:
 
 
 def evaluation(result: dict[str, Any], as_json: bool) -> None:
+    """An ``arctl eval`` report: one row per task and metric, value ± standard error."""
     if as_json:
         _echo_json(result)
         return
-    table = Table(title=f"arctl eval {result['target']} ({result['dataset']})")
-    table.add_column("")
-    table.add_column("value", justify="right")
-    table.add_row("perplexity", f"{result['ppl']:.3f}")
-    if "reference_ppl" in result:
-        table.add_row(f"reference perplexity ({result['reference']})", f"{result['reference_ppl']:.3f}")
-        table.add_row("KL to reference (nats/token)", f"{result['kl']:.4f}")
-        table.add_row("top-1 agreement", f"{result['top1_agreement']:.4f}")
-    table.add_row("tokens", f"{result['tokens']} ({result['windows']} x {result['seqlen']})")
+    weights = result.get("weights") or {}
+    bits = weights.get("avg_bits")
+    title = f"arctl eval {result['target']} ({weights.get('format', 'none')}" + (f", {bits:.3f} true bits)" if bits else ")")
+    table = Table(title=title)
+    for column in ("task", "metric", "value", "± stderr", "items", "seconds"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, numbers in result["tasks"].items():
+        metrics = [m for m in ("acc", "acc_norm", "perplexity", "ppl", "reference_ppl", "kl", "top1_agreement") if m in numbers]
+        for index, metric in enumerate(metrics):
+            stderr = numbers.get(f"{metric}_stderr")
+            table.add_row(
+                task if index == 0 else "",
+                metric,
+                f"{numbers[metric]:.4f}",
+                "" if stderr is None else f"{stderr:.4f}",
+                str(numbers["items"]) if index == 0 else "",
+                f"{numbers['seconds']:.1f}" if index == 0 else "",
+            )
     console.print(table)
+    if result.get("average_acc") is not None:
+        console.print(f"average acc (lambada_openai, hellaswag, piqa, winogrande, arc_easy): {result['average_acc']:.4f}")
+    if result.get("reference"):
+        console.print(f"WikiText-2 KL and top-1 against {result['reference']}")
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A plain table of strings."""
+    drawn = Table(title=title)
+    for index, column in enumerate(header):
+        drawn.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        drawn.add_row(*row)
+    console.print(drawn)
 
 
 def inspection(info: dict[str, Any], as_json: bool) -> None:

@@ -64,13 +64,18 @@ def atomic_directory(final: Path, overwrite: bool = True) -> Iterator[Path]:
 
 
 def atomic_write_text(final: Path, text: str) -> None:
-    """Write ``text`` to ``final`` through a temporary file in the same folder."""
+    """Write ``text`` (UTF-8) to ``final`` through a temporary file in the same folder."""
+    atomic_write_bytes(final, text.encode("utf-8"))
+
+
+def atomic_write_bytes(final: Path, data: bytes) -> None:
+    """Write ``data`` to ``final`` through a temporary file in the same folder."""
     final = Path(final)
     parent = _check_parent(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
     except BaseException:

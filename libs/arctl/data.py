@@ -71,7 +71,7 @@ def default_data_dir() -> Path | None:
     return None
 
 
-def _require_data_dir(data_dir: Path | str | None) -> Path:
+def require_data_dir(data_dir: Path | str | None) -> Path:
     found = Path(data_dir) if data_dir is not None else default_data_dir()
     if found is None:
         raise DataError(
@@ -105,7 +105,7 @@ def resolve_dataset(
         splits = LOCAL_DATASETS[raw]
         if split not in splits:
             raise DataError(f"dataset {raw!r} has no split {split!r}; valid splits: {', '.join(splits)}")
-        file = _require_data_dir(data_dir) / splits[split]
+        file = require_data_dir(data_dir) / splits[split]
         if not file.is_file():
             raise DataError(f"dataset {raw!r} ({split}) expects the file {file}, which does not exist")
         return file
