@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from arctl.checkpoint import read_checkpoint
+from arctl.progress import Progress, ProgressCallback
 from arctl_cli.main import app
+from arctl_cli.pipeline import tune_from_settings
+from tests.services.checks import folder_differences
 
 runner = CliRunner()
 
@@ -205,7 +206,9 @@ def test_tune_refuses_bad_recipe_and_settings(tiny_model_dir: Path, tmp_path: Pa
     assert_one_line_error(run(*missing), "absent.jsonl")
 
 
-def test_killed_tune_resumes_to_the_same_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_killed_tune_resumes_to_the_same_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     plan = tmp_path / "plan.json"
     assert run("plan", "--model", str(tiny_model_dir), "--avg-bits", "3.0", "--out", str(plan), "--for", "sglang",
                "--sensitivity", "weight").exit_code == 0
@@ -222,11 +225,20 @@ def test_killed_tune_resumes_to_the_same_checkpoint(tiny_model_dir: Path, tmp_pa
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert not out.exists()
+    events: list[Progress] = []
+
+    def recording(loaded, plan, out_dir, settings, progress: ProgressCallback):  # the tune command's call
+        def both(event: Progress) -> None:
+            events.append(event)
+            progress(event)
+
+        return tune_from_settings(loaded, plan, out_dir, settings, both)
+
+    monkeypatch.setattr("arctl_cli.main.tune_from_settings", recording)
     resumed = run(*_tune_args(tiny_model_dir, tmp_path, plan, out, iters), "--resume")
     assert resumed.exit_code == 0, resumed.output
-    whole, again = load_file(str(tmp_path / "whole" / "quantized.safetensors")), load_file(str(out / "quantized.safetensors"))
-    assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
-    assert [b["resumed"] for b in read_checkpoint(out).metadata["blocks"]] == [True, False]
+    assert folder_differences(tmp_path / "whole", out) == []  # byte for byte, metadata.json included
+    assert [e.metrics["resumed"] for e in events if e.stage == "tune"] == [1.0, 0.0]
     assert not (tmp_path / "killed.partial").exists()
 
 

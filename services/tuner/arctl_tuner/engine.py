@@ -7,14 +7,16 @@ For each decoder block in order:
 The model's weights are left as they were. Finished blocks are saved in a work folder, so a killed
 run continues with ``resume=True`` and gives the same checkpoint as an uninterrupted run (every
 block's sample order is seeded by ``seed + block index``). ``iters == 0`` is round-to-nearest.
+
+The checkpoint holds no run-time measurements: the same inputs and seed give the same bytes in
+every file. Timings and whether a block came from the work folder are in the per-block Progress
+events' metrics (``seconds``, ``resumed``).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -88,7 +90,6 @@ def tune_model(
         raise TuneConfigError("SignRound needs calibration data (iters > 0)")
     model = loaded.model
     check_plan_fits(model, plan)
-    started = time.perf_counter()
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
     blocks = _layers_by_block(model, plan)
     settings = config.to_dict()
@@ -112,7 +113,6 @@ def tune_model(
             "documents_used": calibration.documents_used,
         },
         "blocks": block_stats,
-        "seconds": round(time.perf_counter() - started, 3),
     }
     path = write_quantized_checkpoint(loaded, plan, quantized, out_dir, metadata)
     store.remove()
@@ -143,7 +143,8 @@ def _tune_blocks(
     blocks: list[tuple[str, nn.Module, list[LayerPlan]]],
     dtype: torch.dtype,
 ) -> tuple[dict[str, QuantizedTensor], list[dict[str, object]]]:
-    """The block loop: quantized layers and per-block stats."""
+    """The block loop: quantized layers and per-block stats (losses only: no timings, so the
+    checkpoint's metadata does not depend on the run)."""
     inputs = capture_block_inputs(model, blocks[0][1], calibration.input_ids)
     fp_stream = q_stream = inputs.hidden
     quantized: dict[str, QuantizedTensor] = {}
@@ -164,16 +165,25 @@ def _tune_blocks(
         else:
             q_stream = targets
         fp_stream = targets
-        block_stats.append({"block": name, "resumed": saved is not None, **asdict(stats)})
-        progress(_block_progress(index, len(blocks), name, stats))
+        block_stats.append(
+            {"block": name, "loss_before": stats.loss_before, "loss_after": stats.loss_after, "best_iter": stats.best_iter}
+        )
+        progress(_block_progress(index, len(blocks), name, stats, resumed=saved is not None))
     return quantized, block_stats
 
 
-def _block_progress(index: int, total: int, name: str, stats: BlockStats) -> Progress:
+def _block_progress(index: int, total: int, name: str, stats: BlockStats, resumed: bool) -> Progress:
+    """One tune event per block; ``seconds`` is the block's tuning time (of the run that tuned it,
+    when ``resumed`` is 1.0)."""
     return Progress(
         stage="tune",
         completed=index + 1,
         total=total,
         message=f"{name}: loss {stats.loss_before:.3g} -> {stats.loss_after:.3g}",
-        metrics={"loss_before": stats.loss_before, "loss_after": stats.loss_after, "seconds": stats.seconds},
+        metrics={
+            "loss_before": stats.loss_before,
+            "loss_after": stats.loss_after,
+            "seconds": stats.seconds,
+            "resumed": 1.0 if resumed else 0.0,
+        },
     )

@@ -5,7 +5,6 @@ The engine: domain logic on torch modules, no gRPC. Output is a QuantizedCheckpo
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -93,7 +92,6 @@ def quantize_rtn(
     """Quantize every planned layer of ``loaded.model`` to nearest and write the checkpoint."""
     model = loaded.model
     check_plan_fits(model, plan)
-    started = time.perf_counter()
     quantized: dict[str, QuantizedTensor] = {}
     total = len(plan.layers)
     for index, layer in enumerate(plan.layers, start=1):
@@ -101,5 +99,5 @@ def quantize_rtn(
             weight = model.get_submodule(layer.name).weight.detach()
             quantized[layer.name] = quantize(weight, layer.scheme)
         progress(Progress(stage="quantize", completed=index, total=total, message=layer.name))
-    metadata = {"method": "rtn", "iters": 0, "seconds": round(time.perf_counter() - started, 3)}
+    metadata = {"method": "rtn", "iters": 0}
     return write_quantized_checkpoint(loaded, plan, quantized, out_dir, metadata)
