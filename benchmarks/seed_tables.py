@@ -37,7 +37,15 @@ from arctl.plan import Plan
 from arctl.schemes import get_scheme
 from arctl.tasks.registry import ZERO_SHOT_AVERAGE, parse_tasks
 from arctl.tasks.runner import TaskSettings, run_tasks, zero_shot_average
-from arctl_planner.engine import PlanRequest, plan_model, plan_uniform
+from arctl_planner.engine import (
+    CALIBRATION_DATASET,
+    CALIBRATION_NSAMPLES,
+    CALIBRATION_SEED,
+    CALIBRATION_SEQLEN,
+    PlanRequest,
+    plan_model,
+    plan_uniform,
+)
 from arctl_tuner.config import TuneConfig
 from arctl_tuner.engine import tune_model
 
@@ -106,7 +114,9 @@ def main() -> None:
     if budgets:
         log(f"planning mixed {budgets}")
         t = time.perf_counter()
-        planning_ids = calibration_samples(loaded.tokenizer, "wikitext2", 8, 512, seed=0, data_dir=args.data_dir).input_ids
+        planning_ids = calibration_samples(
+            loaded.tokenizer, CALIBRATION_DATASET, CALIBRATION_NSAMPLES, CALIBRATION_SEQLEN, seed=CALIBRATION_SEED, data_dir=args.data_dir
+        ).input_ids
         mixed = plan_model(loaded, PlanRequest(targets=budgets), planning_ids)
         plan_s = round(time.perf_counter() - t, 1)
         plans += [(f"mixed {b:g}", plan) for b, plan in zip(budgets, mixed, strict=True)]

@@ -11,10 +11,15 @@ from arctl.plan import Plan
 from arctl.progress import Progress, ProgressCallback
 from arctl.schemes import get_scheme
 from arctl_planner.budget import BudgetError, parse_keep
-from arctl_planner.engine import PlanRequest, plan_model, target_bits_for_size
+from arctl_planner.engine import (
+    CALIBRATION_NSAMPLES,
+    CALIBRATION_SEED,
+    CALIBRATION_SEQLEN,
+    PlanRequest,
+    plan_model,
+    target_bits_for_size,
+)
 
-PLAN_NSAMPLES = 8
-PLAN_SEQLEN = 512
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(i?)[bB]?\s*$")
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 _FORMAT_RUNTIME = {"auto_round": "sglang", "auto_gptq": "sglang", "auto_awq": "sglang", "gguf": "gguf",
@@ -71,13 +76,13 @@ def make_plans(
     dataset: str,
     data_dir: Path | None,
     progress: ProgressCallback,
-    nsamples: int = PLAN_NSAMPLES,
-    seqlen: int = PLAN_SEQLEN,
+    nsamples: int = CALIBRATION_NSAMPLES,
+    seqlen: int = CALIBRATION_SEQLEN,
 ) -> list[Plan]:
     """Read calibration samples when the sensitivity needs them, then plan every target."""
     calibration = None
     if request.sensitivity == "fisher":
         progress(Progress("calibrate", 0, 1, f"{nsamples} x {seqlen} tokens of {dataset}"))
-        calibration = calibration_samples(loaded.tokenizer, dataset, nsamples, seqlen, seed=0, data_dir=data_dir).input_ids
+        calibration = calibration_samples(loaded.tokenizer, dataset, nsamples, seqlen, seed=CALIBRATION_SEED, data_dir=data_dir).input_ids
         progress(Progress("calibrate", 1, 1))
     return plan_model(loaded, request, calibration, progress)

@@ -34,13 +34,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from arctl.atomic import atomic_directory
 from arctl.checkpoint import read_checkpoint
 from arctl.data import LOCAL_DATASETS, wikitext2_test_text
-from arctl.models import EMBEDDED_MODELS, load_checkpoint_model
+from arctl.models import EMBEDDED_MODELS, load_checkpoint_model, load_model
 from arctl.plan import Plan
 from arctl.progress import Progress, ProgressCallback
 from arctl.rpc import client as rpc_client
 from arctl.rpc import convert
 from arctl.rpc.jobs import BOOKKEEPING_STAGES
-from arctl.rpc.loading import load_model_serialized
 from arctl.rpc.server import DEFAULT_PORTS
 from arctl.schemes import get_scheme
 from arctl.v1 import (
@@ -63,8 +62,8 @@ from arctl_cli.pipeline import (
     folder_bytes,
     plan_summary,
 )
-from arctl_cli.planning import PLAN_NSAMPLES, PLAN_SEQLEN
 from arctl_exporter.server import run as run_exporter
+from arctl_planner.engine import CALIBRATION_NSAMPLES, CALIBRATION_SEED, CALIBRATION_SEQLEN
 from arctl_planner.server import run as run_planner
 from arctl_tuner.server import run as run_tuner
 
@@ -172,9 +171,9 @@ class PlanChoice:
             keep=list(self.keep),
             sensitivity=self.sensitivity,
             calibration_data=common_pb2.ArtifactRef(uri=dataset, kind=common_pb2.ARTIFACT_KIND_DATASET),
-            nsamples=PLAN_NSAMPLES,
-            seqlen=PLAN_SEQLEN,
-            seed=0,
+            nsamples=CALIBRATION_NSAMPLES,
+            seqlen=CALIBRATION_SEQLEN,
+            seed=CALIBRATION_SEED,
         )
 
 
@@ -290,7 +289,7 @@ def run_quantize_remote(
         if evaluation is not None:
             started = time.perf_counter()
             progress(render.stage("load", f"loading {model} for evaluation"))
-            loaded = load_model_serialized(model)
+            loaded = load_model(model)
             quantized_model = load_checkpoint_model(checkpoint, dtype=next(loaded.model.parameters()).dtype)
             comparison = evaluate_against(quantized_model, loaded.model, loaded.tokenizer, eval_text, evaluation, progress)
             result = {"dataset": "wikitext2-test", **asdict(comparison)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,21 @@ def _clear_gguf_marker(model: nn.Module) -> None:
     model.is_quantized = False  # type: ignore[assignment]
 
 
+# transformers builds a model under process-global state (meta-device initialisation, patched module
+# constructors), so two threads loading at once corrupt each other ("Cannot copy out of meta tensor").
+# Servers run jobs on worker threads and may host several services in one process: every load takes
+# this lock (re-entrant: a load may build another model inside).
+_LOAD_LOCK = threading.RLock()
+
+
 def load_model(reference: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a folder, a GGUF file, a hub id or ``smollm2``."""
+    """Load a causal LM and its tokenizer from a folder, a GGUF file, a hub id or ``smollm2``
+    (one load at a time per process)."""
+    with _LOAD_LOCK:
+        return _load_model(reference, dtype, trust_remote_code)
+
+
+def _load_model(reference: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
     kind, path = resolve_model(reference)
     if kind == "gguf":
         folder, filename = str(path.parent), path.name
@@ -208,7 +222,8 @@ def apply_checkpoint_weights(model: nn.Module, checkpoint: QuantizedCheckpoint) 
 def load_checkpoint_model(checkpoint: QuantizedCheckpoint, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A float model with the checkpoint's fake-quantized weights, built from its config alone."""
     config = AutoConfig.from_pretrained(str(checkpoint.path))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _LOAD_LOCK:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     apply_checkpoint_weights(model, checkpoint)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

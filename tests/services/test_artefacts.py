@@ -12,11 +12,11 @@ import grpc
 import pytest
 
 from arctl.checkpoint import read_checkpoint
+from arctl.models import load_model
 from arctl.rpc import client as rpc_client
 from arctl.rpc import convert
 from arctl.rpc.artefacts import ArtefactPolicy, sha256_of
 from arctl.rpc.errors import ArtefactNotFound, InvalidArgument, OutsideAllowedRoots
-from arctl.rpc.loading import load_model_serialized
 from arctl.schemes import get_scheme
 from arctl.v1 import common_pb2, exporter_pb2, tuner_pb2
 from arctl_planner.engine import plan_uniform
@@ -53,7 +53,7 @@ def test_local_references(policy: ArtefactPolicy, root: Path, tmp_path: Path) ->
 
 
 def test_checkpoint_completeness(policy: ArtefactPolicy, root: Path, tiny_model: Path) -> None:
-    loaded = load_model_serialized(str(tiny_model))
+    loaded = load_model(str(tiny_model))
     quantize_rtn(loaded, plan_uniform(loaded, get_scheme("W4A16")), root / "ckpt")
     manifest = policy.complete_folder(str(root / "ckpt"), "c", "arctl.quantized_checkpoint") / "manifest.json"
     digest = sha256_of(manifest)
@@ -75,7 +75,7 @@ def test_artefacts_through_fsspec_urls(start_services, tiny_model: Path, tmp_pat
     fs.put(str(tiny_model), "/arctl/models/tiny", recursive=True)
     services = start_services("tuner", "exporter", url_prefixes=("memory://arctl/",))
     tuner, exporter = services.stub("tuner"), services.stub("exporter")
-    loaded = load_model_serialized(str(tiny_model))
+    loaded = load_model(str(tiny_model))
     plan = plan_uniform(loaded, get_scheme("W4A16"))
     job = tuner.StartTune(
         tuner_pb2.TuneRequest(

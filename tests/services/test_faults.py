@@ -11,9 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from arctl.models import load_model
 from arctl.rpc import client as rpc_client
 from arctl.rpc import convert
-from arctl.rpc.loading import load_model_serialized
 from arctl.schemes import get_scheme
 from arctl.v1 import common_pb2, exporter_pb2, planner_pb2, tuner_pb2
 from arctl_planner.engine import plan_uniform
@@ -24,7 +24,7 @@ TERMINAL = convert.TERMINAL_PROTO_STATES
 
 
 def tune_request(model: Path, output: Path, **fields: object) -> tuner_pb2.TuneRequest:
-    plan = plan_uniform(load_model_serialized(str(model)), get_scheme(SCHEME))
+    plan = plan_uniform(load_model(str(model)), get_scheme(SCHEME))
     return tuner_pb2.TuneRequest(
         model=str(model),
         plan=convert.plan_to_proto(plan),
@@ -185,7 +185,7 @@ def test_paths_outside_the_allowed_roots_are_refused(start_services, tiny_model:
     outside = tmp_path / "outside"
     outside.mkdir()
     (root / "escape").symlink_to(outside, target_is_directory=True)
-    plan = common_pb2.Plan(plan_json=plan_uniform(load_model_serialized(str(tiny_model)), get_scheme(SCHEME)).to_json())
+    plan = common_pb2.Plan(plan_json=plan_uniform(load_model(str(tiny_model)), get_scheme(SCHEME)).to_json())
     attempts = {
         "traversal in the model": lambda: services.stub("planner").StartPlan(
             planner_pb2.PlanRequest(model=f"{root}/../{tmp_path.name}/outside", target_avg_bits=4), timeout=10
@@ -217,7 +217,7 @@ def test_paths_outside_the_allowed_roots_are_refused(start_services, tiny_model:
 
 
 def test_incomplete_checkpoint_is_refused(start_services, tiny_model: Path, root: Path) -> None:
-    loaded = load_model_serialized(str(tiny_model))
+    loaded = load_model(str(tiny_model))
     quantize_rtn(loaded, plan_uniform(loaded, get_scheme(SCHEME)), root / "ckpt")
     (root / "ckpt" / "tensors.safetensors").unlink()
     exporter = start_services("exporter").stub("exporter")

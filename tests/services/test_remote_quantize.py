@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from arctl.models import load_model
 from arctl.progress import Progress
-from arctl.rpc.loading import load_model_serialized
 from arctl.schemes import get_scheme
 from arctl_cli.pipeline import run_quantize
 from arctl_cli.planning import build_request, make_plans
@@ -62,7 +62,7 @@ def test_remote_quantize_equals_embedded(start_services, tiny_model: Path, root:
     remote = root / "remote"
     report = run_quantize_remote(str(tiny_model), choice, remote, ["auto_round"], None, events.append, _addresses(services))
 
-    loaded = load_model_serialized(str(tiny_model))
+    loaded = load_model(str(tiny_model))
     plan = embedded_plan(loaded, choice)
     embedded_events: list[Progress] = []
     run_quantize(loaded, plan, root / "embedded", ["auto_round"], None, embedded_events.append)
@@ -95,6 +95,6 @@ def test_remote_quantize_smollm2_equals_embedded(start_services, root: Path) -> 
     remote = root / "remote"
     choice = PlanChoice(avg_bits=4.5, runtime="sglang")  # arctl quantize's defaults (fisher on wikitext2)
     run_quantize_remote("smollm2", choice, remote, ["auto_round"], None, lambda _: None, _addresses(services))
-    loaded = load_model_serialized("smollm2")
+    loaded = load_model("smollm2")
     run_quantize(loaded, embedded_plan(loaded, choice), root / "embedded", ["auto_round"], None, lambda _: None)
     _assert_same_run(remote, root / "embedded")

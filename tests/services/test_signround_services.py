@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from arctl.models import load_model
 from arctl.rpc import client as rpc_client
 from arctl.rpc import convert
-from arctl.rpc.loading import load_model_serialized
 from arctl.schemes import get_scheme
 from arctl.v1 import common_pb2, tuner_pb2, tuner_pb2_grpc
 from arctl_cli.pipeline import TuneSettings, run_quantize
@@ -65,7 +65,7 @@ def test_remote_signround_equals_embedded(start_services, tiny_model: Path, root
         str(tiny_model), PlanChoice(scheme="W4A16G32"), root / "remote", ["auto_round"], None, events.append, addresses,
         RemoteTuning(recipe="light", dataset=str(calibration_file), **SETTINGS),
     )
-    loaded = load_model_serialized(str(tiny_model))
+    loaded = load_model(str(tiny_model))
     embedded_events = []
     run_quantize(
         loaded, plan_uniform(loaded, get_scheme("W4A16G32")), root / "embedded", ["auto_round"], None,
@@ -80,7 +80,7 @@ def test_remote_signround_equals_embedded(start_services, tiny_model: Path, root
 
 
 def test_sigkill_resumes_from_the_last_finished_block(root: Path, tmp_path: Path, block_model: Path, calibration_file: Path) -> None:
-    loaded = load_model_serialized(str(block_model))
+    loaded = load_model(str(block_model))
     plan = plan_uniform(loaded, get_scheme("W4A16G32"))
     request = tuner_pb2.TuneRequest(
         model=str(block_model), plan=convert.plan_to_proto(plan), recipe="light",
@@ -129,7 +129,7 @@ def test_cancel_mid_block_stops_within_seconds(start_services, root: Path, block
     """SignRound reports once per block; a cancel between reports is forced after the manager's
     grace (2 s), and finished blocks stay for a later resume."""
     tuner = start_services("tuner").stub("tuner")
-    loaded = load_model_serialized(str(block_model))
+    loaded = load_model(str(block_model))
     request = tuner_pb2.TuneRequest(
         model=str(block_model), plan=convert.plan_to_proto(plan_uniform(loaded, get_scheme("W4A16G32"))), recipe="light",
         output=common_pb2.ArtifactRef(uri=str(root / "ckpt")),
@@ -153,7 +153,7 @@ def test_watch_honours_the_deadline_and_the_job_goes_on(
     start_services, root: Path, block_model: Path, calibration_file: Path
 ) -> None:
     tuner = start_services("tuner").stub("tuner")
-    loaded = load_model_serialized(str(block_model))
+    loaded = load_model(str(block_model))
     request = tuner_pb2.TuneRequest(
         model=str(block_model), plan=convert.plan_to_proto(plan_uniform(loaded, get_scheme("W4A16G32"))), recipe="light",
         output=common_pb2.ArtifactRef(uri=str(root / "ckpt")), calibration_data=common_pb2.ArtifactRef(uri=str(calibration_file)),

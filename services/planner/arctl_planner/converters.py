@@ -15,13 +15,16 @@ from arctl.rpc.jobs import JobRecord, JobState
 from arctl.schemes import Scheme, get_scheme
 from arctl.v1 import planner_pb2
 from arctl_planner.budget import RUNTIMES, parse_keep
-from arctl_planner.engine import SENSITIVITIES, PlanRequest
+from arctl_planner.engine import (
+    CALIBRATION_DATASET,
+    CALIBRATION_NSAMPLES,
+    CALIBRATION_SEED,
+    CALIBRATION_SEQLEN,
+    SENSITIVITIES,
+    PlanRequest,
+)
 
 # Calibration of the fisher sensitivity when the request leaves it unset (as `arctl plan` does).
-DEFAULT_DATASET = "wikitext2"
-DEFAULT_NSAMPLES = 8
-DEFAULT_SEQLEN = 512
-DEFAULT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def _bits(value: float, what: str) -> float:
 def _dataset(request: planner_pb2.PlanRequest, artefacts: ArtefactPolicy) -> str:
     uri = request.calibration_data.uri if request.HasField("calibration_data") else ""
     if not uri:
-        return DEFAULT_DATASET
+        return CALIBRATION_DATASET
     return uri if uri in LOCAL_DATASETS else str(artefacts.existing(uri, "calibration_data", "file"))
 
 
@@ -106,10 +109,10 @@ def plan_params(request: planner_pb2.PlanRequest, artefacts: ArtefactPolicy) -> 
         runtime=runtime,
         keep=tuple(parse_keep(list(request.keep), get_scheme)),
         sensitivity=sensitivity,
-        dataset=_dataset(request, artefacts) if sensitivity == "fisher" else DEFAULT_DATASET,
-        nsamples=request.nsamples if request.HasField("nsamples") else DEFAULT_NSAMPLES,
-        seqlen=request.seqlen if request.HasField("seqlen") else DEFAULT_SEQLEN,
-        seed=request.seed if request.HasField("seed") else DEFAULT_SEED,
+        dataset=_dataset(request, artefacts) if sensitivity == "fisher" else CALIBRATION_DATASET,
+        nsamples=request.nsamples if request.HasField("nsamples") else CALIBRATION_NSAMPLES,
+        seqlen=request.seqlen if request.HasField("seqlen") else CALIBRATION_SEQLEN,
+        seed=request.seed if request.HasField("seed") else CALIBRATION_SEED,
     )
 
 

@@ -20,6 +20,11 @@ from arctl_planner.sensitivity import collect_statistics, predicted_kl
 DEFAULT_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (128, 64, 32)
 SENSITIVITIES = ("fisher", "weight")
+# The Fisher sensitivity's calibration text unless a request says otherwise (CLI and service alike).
+CALIBRATION_DATASET = "wikitext2"
+CALIBRATION_NSAMPLES = 8
+CALIBRATION_SEQLEN = 512
+CALIBRATION_SEED = 0
 
 
 def default_schemes() -> list[Scheme]:

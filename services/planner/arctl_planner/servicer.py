@@ -8,11 +8,11 @@ from typing import Any
 import grpc
 
 from arctl.data import calibration_samples
+from arctl.models import load_model
 from arctl.progress import Progress
 from arctl.rpc import verbs
 from arctl.rpc.artefacts import ArtefactPolicy
 from arctl.rpc.jobs import JobContext, JobManager
-from arctl.rpc.loading import load_model_serialized
 from arctl.v1 import common_pb2, planner_pb2, planner_pb2_grpc
 from arctl_planner.converters import plan_job_status, plan_params
 from arctl_planner.engine import plan_model, plan_uniform, target_bits_for_size
@@ -48,7 +48,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         params = plan_params(planner_pb2.PlanRequest.FromString(job.request), self.artefacts)
         model = self.artefacts.model_reference(params.model)
         job.progress(Progress("load", 0, 0, f"planner: loading {params.model}"))
-        loaded = load_model_serialized(model)
+        loaded = load_model(model)
         job.check()
         if params.uniform is not None:
             plans = [plan_uniform(loaded, params.uniform)]

@@ -13,11 +13,11 @@ from typing import Any
 import grpc
 
 from arctl.checkpoint import MANIFEST, read_checkpoint, sha256_file
+from arctl.models import load_model
 from arctl.progress import Progress
 from arctl.rpc import verbs
 from arctl.rpc.artefacts import ArtefactPolicy
 from arctl.rpc.jobs import JobContext, JobManager
-from arctl.rpc.loading import load_model_serialized
 from arctl.v1 import common_pb2, tuner_pb2, tuner_pb2_grpc
 from arctl_tuner.converters import checkpoint_entry, tune_job_status, tune_params
 from arctl_tuner.tuning import run_tuning
@@ -52,7 +52,7 @@ class TunerServicer(tuner_pb2_grpc.TunerServiceServicer):
         params = tune_params(tuner_pb2.TuneRequest.FromString(job.request), self.artefacts)
         output = params.output or self.artefacts.staging_output(params.output_uri, "output", job.job_id)
         job.progress(Progress("load", 0, 0, f"tuner: loading {params.model}"))
-        loaded = load_model_serialized(params.model)
+        loaded = load_model(params.model)
         job.check()
         run_tuning(loaded, params.plan, output, params.settings, job.progress, resume=params.resume or job.resume)
         job.progress(Progress("verify", 0, 1, "verifying the checkpoint"))
