@@ -87,7 +87,8 @@ class LoglikelihoodScorer:
     """Scores items of a task with one Hugging Face causal LM.
 
     Documents run in groups of at most ``batch_size`` requests (a document with more requests runs
-    alone). A group runs in two forward passes: the documents' shared prefixes, right-padded, fill a
+    alone). Single-request documents (LAMBADA) run whole, in one pass. Otherwise a group runs in two
+    forward passes: the documents' shared prefixes, right-padded, fill a
     key/value cache; the cache rows are repeated per request and the rest of each request runs after
     its prefix, with an attention mask that hides the prefix padding and position ids that continue
     each prefix.
@@ -126,13 +127,16 @@ class LoglikelihoodScorer:
         return [results[i] for i in range(len(items))]
 
     def _score_group(self, documents: list[list[Encoded]], prefixes: list[int]) -> list[list[Score]]:
+        if all(len(document) == 1 for document in documents):  # nothing to share: one pass
+            return _split(self._score_whole([d[0] for d in documents]), documents)
         if min(prefixes) == 0:  # a document with nothing shared (one-token context): run whole requests
             return [self._score_whole(requests) for requests in documents]
         owner = torch.tensor([d for d, requests in enumerate(documents) for _ in requests], dtype=torch.long)
         requests = [r for document in documents for r in document]
         prefix_rows = [document[0].inputs[:length] for document, length in zip(documents, prefixes, strict=True)]
         prefix_ids, prefix_mask = self._padded(prefix_rows)
-        out = self.model(prefix_ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1)
+        # right padding under causal attention: no real position sees it, so no mask in this pass
+        out = self.model(prefix_ids, use_cache=True, logits_to_keep=1)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         cache.reorder_cache(owner)
         starts = [prefixes[d] for d in owner.tolist()]
@@ -148,18 +152,14 @@ class LoglikelihoodScorer:
             logits_to_keep=keep,
             **{self._cache_argument: cache},
         )
-        scores = self._scores(out.logits, rows, [r.targets for r in requests])
-        grouped, at = [], 0
-        for document in documents:
-            grouped.append(scores[at : at + len(document)])
-            at += len(document)
-        return grouped
+        return _split(self._scores(out.logits, rows, [r.targets for r in requests]), documents)
 
     def _score_whole(self, requests: list[Encoded]) -> list[Score]:
+        """Whole requests in one right-padded pass (causal attention: no mask needed)."""
         rows = [r.inputs for r in requests]
-        ids, mask = self._padded(rows)
+        ids, _ = self._padded(rows)
         keep = ids.shape[1] - min(len(r.inputs) - len(r.targets) for r in requests)
-        out = self.model(ids, attention_mask=mask, use_cache=False, logits_to_keep=keep)
+        out = self.model(ids, use_cache=False, logits_to_keep=keep)
         return self._scores(out.logits, rows, [r.targets for r in requests])
 
     def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,6 +179,15 @@ class LoglikelihoodScorer:
             end = len(row) - skipped
             scores.append(scores_from_logits(logits[b, end - len(target) : end], target))
         return scores
+
+
+def _split(scores: list[Score], documents: list[list[Encoded]]) -> list[list[Score]]:
+    """Flat scores back into one list per document."""
+    grouped, at = [], 0
+    for document in documents:
+        grouped.append(scores[at : at + len(document)])
+        at += len(document)
+    return grouped
 
 
 def _model_max_length(model: nn.Module) -> int:
