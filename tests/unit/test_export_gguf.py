@@ -76,10 +76,14 @@ def gguf_name(hf_name: str) -> str:
     )
 
 
+ROPE_THETA = 50000.0
+
+
 @pytest.fixture(scope="module")
 def mixed_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     model = tiny_model(tie=False, seed=1)
+    model.config.rope_parameters = {"rope_theta": ROPE_THETA, "rope_type": "default"}  # not the 10000 default
     schemes = {name: PLAN[name] for name in linear_names(model, with_lm_head=True)}
     checkpoint, quantized = make_checkpoint(model, schemes, root / "checkpoint")
     out = export(checkpoint, ["gguf"], root / "model")["gguf"]
@@ -104,6 +108,7 @@ def test_each_tensor_has_the_type_its_scheme_maps_to(mixed_export):
     assert reader.fields["general.architecture"].contents() == "llama"
     assert reader.fields["llama.attention.head_count_kv"].contents() == 2
     assert reader.fields["llama.rope.dimension_count"].contents() == 32
+    assert reader.fields["llama.rope.freq_base"].contents() == ROPE_THETA
     assert reader.fields["tokenizer.ggml.model"].contents() == "none"  # the tiny model has no tokenizer
 
 
@@ -198,7 +203,7 @@ def test_refusals(tmp_path):
     staged = restage(
         checkpoint, tmp_path / "scaled", lambda config: config.update(rope_scaling={"rope_type": "llama3"})
     )
-    with pytest.raises(ExportError, match=r"^model: rope_scaling"):
+    with pytest.raises(ExportError, match=r"^model: rope scaling"):
         export(staged, ["gguf"], tmp_path / "model")
     with pytest.raises(ExportError, match=r"pre-tokenizer \['Whitespace'\] is not one llama.cpp reproduces"):
         pretokenizer_name({"pre_tokenizer": {"type": "Whitespace"}})

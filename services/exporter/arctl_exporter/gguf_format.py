@@ -216,15 +216,25 @@ def _model(config: dict[str, Any]) -> _Model:
             f"model: architecture {sorted(architectures) or config.get('model_type')} is not one the gguf writer "
             f"knows ({', '.join(sorted(ARCHITECTURES))}); use auto_round or compressed-tensors"
         )
-    if config.get("rope_scaling"):
-        raise ExportError(
-            f"model: rope_scaling {config['rope_scaling']} is not written by the gguf writer; use auto_round or "
-            "compressed-tensors"
-        )
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = config.get(key) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ExportError(
+                f"model: rope scaling {rope} is not written by the gguf writer; use auto_round or compressed-tensors"
+            )
     n_head = int(config["num_attention_heads"])
     return _Model(
         config, int(config["num_hidden_layers"]), n_head, int(config.get("num_key_value_heads") or n_head)
     )
+
+
+def rope_theta(config: dict[str, Any]) -> float:
+    """RoPE base of an HF config: transformers 5 keeps it in ``rope_parameters``, older configs at the
+    top level (10000 when neither says)."""
+    for source in (config.get("rope_parameters") or {}, config):
+        if "rope_theta" in source:
+            return float(source["rope_theta"])
+    return 10000.0
 
 
 def pretokenizer_name(tokenizer_json: dict[str, Any]) -> str:
@@ -301,7 +311,7 @@ def _add_hparams(writer: gguf.GGUFWriter, model: _Model, file_type: gguf.LlamaFi
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(model.n_head)
     writer.add_head_count_kv(model.n_kv_head)
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_rope_dimension_count(int(config.get("head_dim") or hidden // model.n_head))
     writer.add_vocab_size(int(config["vocab_size"]))
