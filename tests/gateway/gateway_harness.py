@@ -121,6 +121,17 @@ def start_engine(model: Path, log_dir: Path, name: str = MODEL_NAME, extra: list
     return server
 
 
+def start_llama_cpp(gguf_file: Path, log_dir: Path, name: str) -> Server:
+    """llama-cpp-python's OpenAI server on ``gguf_file`` (one thread); it has no /health."""
+    port = free_port()
+    log = log_dir / f"llama-cpp-{port}.log"
+    args = ["-m", "llama_cpp.server", "--model", str(gguf_file), "--model_alias", name, "--host", "127.0.0.1",
+            "--port", str(port), "--n_ctx", "1024", "--n_threads", "1"]
+    server = Server(_spawn(args, log), port, log)
+    server.wait_ready("/v1/models", timeout=120)
+    return server
+
+
 def start_gateway(workers: list[str], log_dir: Path, settings: dict[str, Any] | None = None,
                   keys: bool = True, admin: bool = False, wait_path: str | None = "/ready") -> Server:
     """A gateway on ``workers``; ``settings`` as dotted --set overrides (fast health checks by default)."""

@@ -108,6 +108,7 @@ def test_example_settings_file_loads():
         ("limits: {max_concurrency: many}", "limits.max_concurrency must be an integer"),
         ("routing: {policy: random}", "routing.policy 'random'; valid: least_in_flight"),
         ("workers: ['localhost:80']", "must look like http://host:port"),
+        ("workers: [{url: 'http://a:1', health_path: v1/models}]", "health_path 'v1/models' must start with '/'"),
         ("metrics: {buckets: {e2e: [2, 1]}}", "strictly increasing"),
         ("auth: {api_key_sha256: [not-a-digest]}", "not a lowercase sha256"),
         ("- a list", "must hold a mapping"),

@@ -7,6 +7,7 @@ A YAML file (every key optional)::
     workers:                                   # also: ARCTL_GATEWAY_WORKERS=http://a:30000,b=http://b:30000
       - {id: a, url: "http://127.0.0.1:30000", api_key_env: SGLANG_API_KEY,
          quantization: {format: auto_round, avg_bits: 4.25, schemes: {W4A16G64: 210}}}
+      - {id: b, url: "http://127.0.0.1:8000", health_path: /v1/models, request_id_header: ""}  # llama-cpp-python
     auth:
       api_key_sha256: [<hex>]                  # plain keys only through ARCTL_GATEWAY_API_KEYS
       admin_key_sha256: [<hex>]                # plain key only through ARCTL_GATEWAY_ADMIN_KEY
@@ -63,13 +64,19 @@ class WorkerConfig:
     """One upstream OpenAI-compatible server (SGLang, the embedded engine, llama.cpp ...).
 
     ``api_key`` is the backend's own key (sent upstream instead of the client's), read from the
-    environment variable ``api_key_env``; ``quantization`` overrides what the worker reports.
+    environment variable ``api_key_env``; ``quantization`` overrides what the worker reports;
+    ``health_path`` is what the health checks GET (SGLang and the embedded engine answer
+    ``/health``; llama-cpp-python's server has none: use ``/v1/models``); ``request_id_header`` names
+    the header that carries the request id upstream, ``""`` for none (llama-cpp-python's server
+    answers 400 to an ``X-Request-Id`` that is not a UUID).
     """
 
     url: str
     id: str = ""
     api_key_env: str = ""
     quantization: Mapping[str, Any] | None = None
+    health_path: str = "/health"
+    request_id_header: str = "X-Request-Id"
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -78,6 +85,8 @@ class WorkerConfig:
         object.__setattr__(self, "url", self.url.rstrip("/"))
         if not self.id:
             object.__setattr__(self, "id", f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}")
+        if not self.health_path.startswith("/"):
+            raise ConfigError(f"worker {self.id}: health_path {self.health_path!r} must start with '/'")
         if not _WORKER_ID.match(self.id):
             raise ConfigError(f"worker id {self.id!r}: use letters, digits and . _ : - (at most 63)")
 

@@ -132,7 +132,9 @@ class Forwarder:
         return json.dumps(body).encode() if changed else parsed.raw
 
     def _headers(self, request: web.Request, worker: Worker, rid: str) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "X-Request-Id": rid}
+        headers = {"Content-Type": "application/json"}
+        if worker.config.request_id_header:
+            headers[worker.config.request_id_header] = rid
         for name in FORWARDED_HEADERS:
             value = request.headers.get(name)
             if value is not None:

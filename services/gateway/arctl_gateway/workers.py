@@ -1,7 +1,8 @@
 """The worker pool: registry, active health checks, circuit breakers and routing.
 
 A worker is routable when its health checker sees it up, it is not being removed, it serves the
-requested model, and its circuit breaker lets a request through. Health: ``GET /health`` then
+requested model, and its circuit breaker lets a request through. Health: ``GET /health`` (the
+worker's ``health_path``) then
 ``GET /v1/models`` (the models it serves, with their quantization when the worker reports it);
 ``fail_threshold`` failed probes in a row mark it down, ``success_threshold`` good ones up again (the
 first probe decides at once). A worker that also answers ``GET /get_model_info`` is SGLang-like: it
@@ -206,10 +207,11 @@ class WorkerPool:
         headers = upstream_auth_headers(worker.config)
         ok = False
         try:
-            async with self.session.get(f"{worker.url}/health", timeout=timeout, headers=headers) as response:
+            health_path = worker.config.health_path
+            async with self.session.get(f"{worker.url}{health_path}", timeout=timeout, headers=headers) as response:
                 await response.read()
                 if response.status != 200:
-                    raise ProbeError(f"/health answered {response.status}")
+                    raise ProbeError(f"{health_path} answered {response.status}")
             if not worker.models or worker.good_probes % MODELS_REFRESH_PROBES == 0:
                 await self._read_models(worker, timeout, headers)
             ok = bool(worker.models)
