@@ -4,8 +4,9 @@ import itertools
 import random
 
 import pytest
+from tiny_models import tiny_llama
 
-from arctl.models import LayerInfo
+from arctl.models import LayerInfo, LoadedModel
 from arctl.schemes import get_scheme
 from arctl_planner.budget import (
     BudgetError,
@@ -16,6 +17,7 @@ from arctl_planner.budget import (
     runtime_allows,
     usable_candidates,
 )
+from arctl_planner.engine import plan_uniform
 from arctl_planner.solver import InfeasibleBudgetError, Item, Option, solve
 
 W2, W3, W4, W8, BF16 = (get_scheme(n) for n in ("W2A16G64", "W3A16G64", "W4A16G64", "W8A16G64", "BF16"))
@@ -172,3 +174,13 @@ def test_runtime_filters() -> None:
         runtime_allows("tensorrt", W4)
     with pytest.raises(BudgetError, match="no candidate scheme fits"):
         plan(4.5, schemes=[get_scheme("MXFP4"), get_scheme("W4A16G64_ASYM")], runtime="sglang")
+
+
+@pytest.mark.parametrize("name", ["NVFP4", "W4A16C_ASYM", "W3A16G32", "MXFP8"])
+def test_uniform_plan_of_any_fitting_scheme(name: str) -> None:
+    """plan_uniform does not go through the (cost-rounding) table: schemes whose exact uniform
+    budget the table rounds past (NVFP4's per-tensor scale, channel-wise zeros) still plan."""
+    loaded = LoadedModel(tiny_llama(), None, "tiny", "0")
+    plan = plan_uniform(loaded, get_scheme(name))
+    assert {layer.scheme.name for layer in plan.layers} == {name}
+    assert plan.avg_bits == pytest.approx(plan.target_avg_bits)

@@ -117,6 +117,12 @@ def build_items(
     return items, members, options
 
 
+def _capacity(target: float, weights: int) -> int:
+    """The budget in whole bits. A target computed from a plan's own bits (``bits / weights``) can land
+    a rounding error below that integer: round such a target back up, never more than 1e-6 bit."""
+    return int(target * weights + 1e-6)
+
+
 def plan_for_budgets(
     layers: Sequence[LayerInfo],
     schemes: Sequence[Scheme],
@@ -143,11 +149,11 @@ def plan_for_budgets(
                 f"--avg-bits {target} is outside what the schemes can reach on this model: "
                 f"{cheapest:.4f} to {richest:.4f} true bits"
             )
-    table = KnapsackTable(items, int(max(targets) * weights))
+    table = KnapsackTable(items, _capacity(max(targets), weights))
     plans = []
     for target in targets:
         try:
-            solution = table.solve(int(target * weights))
+            solution = table.solve(_capacity(target, weights))
         except InfeasibleBudgetError as exc:
             raise BudgetError(f"--avg-bits {target}: {exc}") from exc
         chosen = {

@@ -9,11 +9,17 @@ import torch
 from torch import nn
 
 from arctl.models import LayerInfo, LoadedModel, quantizable_layers
-from arctl.plan import Plan
+from arctl.plan import LayerPlan, Plan
 from arctl.progress import Progress, ProgressCallback, ignore_progress
 from arctl.quant import fake_quantize
 from arctl.schemes import PRESETS, Scheme
-from arctl_planner.budget import BudgetError, ErrorFn, average_bits, plan_for_budget, plan_for_budgets
+from arctl_planner.budget import (
+    BudgetError,
+    ErrorFn,
+    average_bits,
+    build_items,
+    plan_for_budgets,
+)
 from arctl_planner.measure import measured_kl, reference_log_probs
 from arctl_planner.sensitivity import collect_statistics, predicted_kl
 
@@ -129,10 +135,18 @@ def plan_model(
 
 
 def plan_uniform(loaded: LoadedModel, scheme: Scheme) -> Plan:
-    """Every quantizable layer with ``scheme``."""
+    """Every quantizable layer with ``scheme`` (``BudgetError`` naming a layer it does not fit).
+
+    Built directly, not by the budget solver: its table may round costs up, which can make the
+    exact uniform budget look unreachable (NVFP4, channel-wise schemes)."""
     layers = quantizable_layers(loaded.model)
-    return plan_for_budget(
-        layers, [scheme], average_bits(layers, scheme), lambda *_: 0.0, loaded.model_id, loaded.sha256
+    build_items(layers, [scheme], lambda *_: 0.0)  # the same fit checks as a budgeted plan
+    return Plan(
+        model_id=loaded.model_id,
+        model_sha256=loaded.sha256,
+        layers=tuple(LayerPlan(x.name, x.shape, scheme, x.fused_group) for x in layers),
+        target_avg_bits=average_bits(layers, scheme),
+        notes={"predicted_loss": 0.0, "runtime": "any"},
     )
 
 
