@@ -46,7 +46,9 @@ def test_embedded_engine_and_llama_cpp_behind_one_gateway(exports, logs):
         {"id": "llama-cpp", "url": llama.url, "health_path": "/v1/models", "request_id_header": "",
          "quantization": quantization},
     ]
-    gateway = start_gateway([], logs, settings={"workers": workers})
+    # llama-cpp-python's /v1/models waits for the model lock that a running completion holds: the
+    # probes need a timeout longer than one generation on a loaded 2-core machine
+    gateway = start_gateway([], logs, settings={"workers": workers, "health.timeout_s": 120})
     try:
         client = OpenAI(base_url=gateway.url + "/v1", api_key=API_KEY, max_retries=0, timeout=180)
         models = {model.id: model.model_extra["quantization"] for model in client.models.list().data}

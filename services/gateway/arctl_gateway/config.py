@@ -66,7 +66,8 @@ class WorkerConfig:
     ``api_key`` is the backend's own key (sent upstream instead of the client's), read from the
     environment variable ``api_key_env``; ``quantization`` overrides what the worker reports;
     ``health_path`` is what the health checks GET (SGLang and the embedded engine answer
-    ``/health``; llama-cpp-python's server has none: use ``/v1/models``); ``request_id_header`` names
+    ``/health``; llama-cpp-python's server has none: use ``/v1/models``, which waits while a completion
+    holds its model lock, so give ``health.timeout_s`` more than one generation); ``request_id_header`` names
     the header that carries the request id upstream, ``""`` for none (llama-cpp-python's server
     answers 400 to an ``X-Request-Id`` that is not a UUID).
     """
