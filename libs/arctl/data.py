@@ -120,7 +120,8 @@ def resolve_dataset(
 # --------------------------------------------------------------------------- readers
 
 
-def _read_text_file(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A UTF-8 data file's text; ``DataError`` naming the file when missing or unreadable."""
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
     if not path.is_file():
@@ -133,7 +134,7 @@ def _read_text_file(path: Path) -> str:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def _lines(text: str) -> list[str]:
+def text_lines(text: str) -> list[str]:
     """Split on ``\\n`` only (``\\r\\n`` tolerated); a final line ending adds no empty line.
     ``str.splitlines`` is not used: it also splits on characters such as U+2028 inside a line."""
     lines = text.split("\n")
@@ -144,14 +145,14 @@ def _lines(text: str) -> list[str]:
 
 def parse_text_lines(text: str) -> list[str]:
     """One text per non-empty line (whitespace-only lines left out)."""
-    return [line for line in _lines(text) if line.strip()]
+    return [line for line in text_lines(text) if line.strip()]
 
 
-def parse_jsonl(text: str, field: str = "text", source: str = "<jsonl>") -> list[str]:
-    """The string ``field`` of each JSON object, one object per non-blank line. Raises
-    ``DataError`` naming ``source`` and the 1-based line for bad JSON or a missing/non-string field."""
-    texts: list[str] = []
-    for number, line in enumerate(_lines(text), start=1):
+def parse_jsonl_records(text: str, source: str = "<jsonl>") -> list[tuple[int, dict[str, Any]]]:
+    """``(1-based line, object)`` for each non-blank line. Raises ``DataError`` naming ``source`` and
+    the line for bad JSON or a value that is not an object."""
+    records: list[tuple[int, dict[str, Any]]] = []
+    for number, line in enumerate(text_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -160,6 +161,15 @@ def parse_jsonl(text: str, field: str = "text", source: str = "<jsonl>") -> list
             raise DataError(f"{source}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
         if not isinstance(record, dict):
             raise DataError(f"{source}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append((number, record))
+    return records
+
+
+def parse_jsonl(text: str, field: str = "text", source: str = "<jsonl>") -> list[str]:
+    """The string ``field`` of each JSON object, one object per non-blank line. Raises
+    ``DataError`` naming ``source`` and the 1-based line for bad JSON or a missing/non-string field."""
+    texts: list[str] = []
+    for number, record in parse_jsonl_records(text, source):
         if field not in record:
             raise DataError(f"{source}:{number}: no field {field!r} (fields: {', '.join(map(str, record))})")
         value = record[field]
@@ -180,7 +190,7 @@ def read_texts(path: str | os.PathLike[str], field: str = "text") -> list[str]:
             f"{file}: unsupported format {suffix or '(no suffix)'!r}; "
             f"expected one of {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}"
         )
-    text = _read_text_file(file)
+    text = read_text_file(file)
     if suffix in JSONL_SUFFIXES:
         return parse_jsonl(text, field=field, source=str(file))
     return parse_text_lines(text)
@@ -202,14 +212,14 @@ def load_texts(
 def wikitext2_rows(raw: str) -> list[str]:
     """The Hugging Face ``wikitext-2-raw-v1`` rows of a raw WikiText file: for each line,
     ``line + "\\n"``, or ``""`` when the line is whitespace only (see the data README)."""
-    return [line + "\n" if line.strip() else "" for line in _lines(raw)]
+    return [line + "\n" if line.strip() else "" for line in text_lines(raw)]
 
 
 def wikitext2_test_text(data_dir: Path | str | None = None) -> str:
     """The standard (GPTQ/AutoRound) WikiText-2 perplexity text: ``"\\n\\n".join(rows)`` over the
     4358 test rows rebuilt from ``wiki.test.raw``."""
     path = resolve_dataset("wikitext2", data_dir, split="test")
-    return "\n\n".join(wikitext2_rows(_read_text_file(path)))
+    return "\n\n".join(wikitext2_rows(read_text_file(path)))
 
 
 # --------------------------------------------------------------------------- calibration samples

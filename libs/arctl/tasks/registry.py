@@ -7,13 +7,12 @@ files' order, so ``limit=N`` takes the first N documents, as the harness's ``--l
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from arctl.data import DataError, require_data_dir
+from arctl.data import DataError, parse_jsonl_records, read_text_file, require_data_dir, text_lines
 from arctl.tasks.items import Item
 from arctl.tasks.prompts import (
     RecordError,
@@ -54,27 +53,11 @@ class TaskSpec:
 
 
 def _lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"data file {path} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+    return text_lines(read_text_file(path))
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object")
-        records.append(record)
-    return records
+    return [record for _, record in parse_jsonl_records(read_text_file(path), str(path))]
 
 
 def _labels(path: Path) -> list[int]:
