@@ -240,6 +240,17 @@ def load_calibration(work: Path):
     return CalibrationSet(input_ids=saved.pop("input_ids"), **saved)
 
 
+def truncate_blocks(model: Any, count: int) -> None:
+    """Keep the first ``count`` decoder blocks (``--num-layers``: per-block timing at large settings)."""
+    layers = model.model.layers
+    if not 0 < count <= len(layers):
+        raise SystemExit(f"--num-layers {count}: the model has {len(layers)} blocks")
+    del layers[count:]
+    model.config.num_hidden_layers = count
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:count]
+
+
 def worker_prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Float model folder, calibration ids, evaluation ids and the float model's logits on them."""
     import torch
@@ -250,6 +261,8 @@ def worker_prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     device = resolve_device(args.device)
     loaded = load_model("smollm2")
+    if args.num_layers:
+        truncate_blocks(loaded.model, args.num_layers)
     loaded.model.save_pretrained(str(work / "float"))
     loaded.tokenizer.save_pretrained(str(work / "float"))
     calibration = calibration_samples(
@@ -597,8 +610,8 @@ def run_step(
 ) -> dict:
     """Run one worker subprocess; its result plus the machine's load while it ran."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--work-dir", str(work)]
-    for flag in ("nsamples", "seqlen", "iters", "batch_size", "seed", "calib", "eval_seqlen", "eval_windows",
-                 "device"):  # fmt: skip
+    for flag in ("nsamples", "seqlen", "iters", "batch_size", "num_layers", "seed", "calib", "eval_seqlen",
+                 "eval_windows", "device"):  # fmt: skip
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if scheme:
         command += ["--scheme", scheme]
@@ -703,6 +716,7 @@ def run_parent(args: argparse.Namespace) -> None:
         "seqlen": args.seqlen,
         "iters": args.iters,
         "batch_size": args.batch_size,
+        "num_layers": args.num_layers or "all",
         "seed": args.seed,
         "calibration": prepared["calibration"],
         "eval": "WikiText-2 test, arctl.evaluation.compare_to_reference: ppl, KL(float || quantized), top-1",
@@ -789,6 +803,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seqlen", type=int, default=CPU_DEFAULTS["seqlen"])
     parser.add_argument("--iters", type=int, default=CPU_DEFAULTS["iters"])
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--num-layers", type=int, default=0,
+        help="keep only the first N decoder blocks (a timing run at large settings; perplexities are then "
+        "those of the truncated model)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
         "--calib", default="c4", help="calibration source: c4, wikitext2 or a .txt/.jsonl file"
