@@ -295,10 +295,11 @@ class Forwarder:
             out = state.feed(events)
             if state.first_token and outcome.first_token_at is None:
                 outcome.first_token_at = state.first_token
+            if state.done:
+                await _write(client, out, last=True)  # the last events and the chunked body's end in one send
+                break
             if out:
                 await _write(client, out)
-            if state.done:
-                break
             try:
                 async with asyncio.timeout_at(_loop_time(min(deadline, time.monotonic() + timeouts.inter_chunk_s))):
                     chunk = await upstream.content.readany()
@@ -328,7 +329,7 @@ class Forwarder:
         if state.first_token is None:
             outcome.extra["no_token_reason"] = no_token_reason
         self._usage(outcome, state.usage)
-        await _write(client, sse_error_event(message, status, kind) + DONE + b"\n\n")
+        await _write(client, sse_error_event(message, status, kind) + DONE + b"\n\n", last=True)
         return "failure"
 
     # --- abort ----------------------------------------------------------------------------------------
@@ -363,9 +364,12 @@ def _loop_time(monotonic_deadline: float) -> float:
     return loop.time() + (monotonic_deadline - time.monotonic())
 
 
-async def _write(client: web.StreamResponse, data: bytes) -> None:
+async def _write(client: web.StreamResponse, data: bytes, last: bool = False) -> None:
     try:
-        await client.write(data)
+        if last:
+            await client.write_eof(data)
+        else:
+            await client.write(data)
     except (ConnectionError, RuntimeError) as exc:
         raise ClientGone(str(exc)) from None
 
