@@ -139,7 +139,7 @@ def main() -> None:
             "model": "SmolLM2-135M-Instruct (embedded GGUF Q4_1, dequantized to float32: the 'float' row)",
             "limit": args.limit, "tasks": list(ZERO_SHOT_AVERAGE), "average": "mean acc of the five tasks",
             "wikitext2": f"token perplexity, {args.wikitext_windows} x 2048 tokens", "tune": config.to_dict(),
-            "calibration": "c4 (shared data), seed as tune", "mixed_planner": "fisher, 8 x 512 wikitext2 train tokens, one measurement",
+            "calibration": "c4 (shared data), seed as tune", "mixed_planner": f"fisher, {CALIBRATION_NSAMPLES} x {CALIBRATION_SEQLEN} {CALIBRATION_DATASET} train tokens, one measurement",
             "plan_s": plan_s, "torch": torch.__version__, "total_s": round(time.perf_counter() - started, 1),
         },
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
