@@ -14,8 +14,8 @@ from arctl_planner.budget import BudgetError, parse_keep
 from arctl_planner.engine import (
     CALIBRATION_NSAMPLES,
     CALIBRATION_SEED,
-    CALIBRATION_SEQLEN,
     PlanRequest,
+    calibration_seqlen,
     plan_model,
     target_bits_for_size,
 )
@@ -77,11 +77,13 @@ def make_plans(
     data_dir: Path | None,
     progress: ProgressCallback,
     nsamples: int = CALIBRATION_NSAMPLES,
-    seqlen: int = CALIBRATION_SEQLEN,
+    seqlen: int | None = None,
 ) -> list[Plan]:
-    """Read calibration samples when the sensitivity needs them, then plan every target."""
+    """Read calibration samples when the sensitivity needs them, then plan every target (``seqlen``
+    None: the planner's default capped at the model's context)."""
     calibration = None
     if request.sensitivity == "fisher":
+        seqlen = calibration_seqlen(loaded.model, seqlen)
         progress(Progress("calibrate", 0, 1, f"{nsamples} x {seqlen} tokens of {dataset}"))
         calibration = calibration_samples(loaded.tokenizer, dataset, nsamples, seqlen, seed=CALIBRATION_SEED, data_dir=data_dir).input_ids
         progress(Progress("calibrate", 1, 1))

@@ -63,7 +63,7 @@ from arctl_cli.pipeline import (
     plan_summary,
 )
 from arctl_exporter.server import run as run_exporter
-from arctl_planner.engine import CALIBRATION_NSAMPLES, CALIBRATION_SEED, CALIBRATION_SEQLEN
+from arctl_planner.engine import CALIBRATION_NSAMPLES, CALIBRATION_SEED
 from arctl_planner.server import run as run_planner
 from arctl_tuner.server import run as run_tuner
 
@@ -172,7 +172,6 @@ class PlanChoice:
             sensitivity=self.sensitivity,
             calibration_data=common_pb2.ArtifactRef(uri=dataset, kind=common_pb2.ARTIFACT_KIND_DATASET),
             nsamples=CALIBRATION_NSAMPLES,
-            seqlen=CALIBRATION_SEQLEN,
             seed=CALIBRATION_SEED,
         )
 

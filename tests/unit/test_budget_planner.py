@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from types import SimpleNamespace
 
 import pytest
 from tiny_models import tiny_llama
@@ -17,7 +18,7 @@ from arctl_planner.budget import (
     runtime_allows,
     usable_candidates,
 )
-from arctl_planner.engine import plan_uniform
+from arctl_planner.engine import CALIBRATION_SEQLEN, calibration_seqlen, plan_uniform
 from arctl_planner.solver import InfeasibleBudgetError, Item, Option, solve
 
 W2, W3, W4, W8, BF16 = (get_scheme(n) for n in ("W2A16G64", "W3A16G64", "W4A16G64", "W8A16G64", "BF16"))
@@ -184,3 +185,13 @@ def test_uniform_plan_of_any_fitting_scheme(name: str) -> None:
     plan = plan_uniform(loaded, get_scheme(name))
     assert {layer.scheme.name for layer in plan.layers} == {name}
     assert plan.avg_bits == pytest.approx(plan.target_avg_bits)
+
+
+def test_default_calibration_rows_fit_the_model_context():
+    def model_with_context(context):
+        return SimpleNamespace(config=SimpleNamespace(max_position_embeddings=context))
+
+    assert calibration_seqlen(model_with_context(512)) == 512
+    assert calibration_seqlen(model_with_context(8192)) == CALIBRATION_SEQLEN
+    assert calibration_seqlen(SimpleNamespace()) == CALIBRATION_SEQLEN
+    assert calibration_seqlen(model_with_context(512), seqlen=1024) == 1024  # asked for: taken as given

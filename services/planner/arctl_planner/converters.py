@@ -19,7 +19,6 @@ from arctl_planner.engine import (
     CALIBRATION_DATASET,
     CALIBRATION_NSAMPLES,
     CALIBRATION_SEED,
-    CALIBRATION_SEQLEN,
     SENSITIVITIES,
     PlanRequest,
 )
@@ -45,7 +44,7 @@ class PlanParams:
     sensitivity: str
     dataset: str
     nsamples: int
-    seqlen: int
+    seqlen: int | None  # None: the planner's default, capped at the model's context
     seed: int
 
     @property
@@ -111,7 +110,7 @@ def plan_params(request: planner_pb2.PlanRequest, artefacts: ArtefactPolicy) -> 
         sensitivity=sensitivity,
         dataset=_dataset(request, artefacts) if sensitivity == "fisher" else CALIBRATION_DATASET,
         nsamples=request.nsamples if request.HasField("nsamples") else CALIBRATION_NSAMPLES,
-        seqlen=request.seqlen if request.HasField("seqlen") else CALIBRATION_SEQLEN,
+        seqlen=request.seqlen if request.HasField("seqlen") else None,
         seed=request.seed if request.HasField("seed") else CALIBRATION_SEED,
     )
 

@@ -35,6 +35,15 @@ CALIBRATION_SEQLEN = 2048
 CALIBRATION_SEED = 0
 
 
+def calibration_seqlen(model: nn.Module, seqlen: int | None = None) -> int:
+    """The calibration row length: ``seqlen`` when given, else ``CALIBRATION_SEQLEN`` capped at the
+    model's context length (``max_position_embeddings``)."""
+    if seqlen is not None:
+        return seqlen
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(CALIBRATION_SEQLEN, context) if isinstance(context, int) and context > 0 else CALIBRATION_SEQLEN
+
+
 def default_schemes() -> list[Scheme]:
     """Symmetric INT 2/3/4/8 at groups 128/64/32 (each layer takes those that tile its rows),
     MXFP4, MXFP8, NVFP4 and BF16."""

@@ -15,7 +15,7 @@ from arctl.rpc.artefacts import ArtefactPolicy
 from arctl.rpc.jobs import JobContext, JobManager
 from arctl.v1 import common_pb2, planner_pb2, planner_pb2_grpc
 from arctl_planner.converters import plan_job_status, plan_params
-from arctl_planner.engine import plan_model, plan_uniform, target_bits_for_size
+from arctl_planner.engine import calibration_seqlen, plan_model, plan_uniform, target_bits_for_size
 
 JOB_KIND = "plan"
 
@@ -59,9 +59,10 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             request = params.engine_request(target)
             calibration = None
             if request.sensitivity == "fisher":
-                job.progress(Progress("calibrate", 0, 1, f"{params.nsamples} x {params.seqlen} tokens of {params.dataset}"))
+                seqlen = calibration_seqlen(loaded.model, params.seqlen)
+                job.progress(Progress("calibrate", 0, 1, f"{params.nsamples} x {seqlen} tokens of {params.dataset}"))
                 calibration = calibration_samples(
-                    loaded.tokenizer, params.dataset, params.nsamples, params.seqlen, seed=params.seed
+                    loaded.tokenizer, params.dataset, params.nsamples, seqlen, seed=params.seed
                 ).input_ids
                 job.progress(Progress("calibrate", 1, 1))
             plans = plan_model(loaded, request, calibration, job.progress)
