@@ -24,7 +24,7 @@ compare the planners' choices. Same problem on both sides:
 - Fused groups: arctl's plans give q/k/v and gate/up one scheme each (the runtime fuses them);
   AutoScheme gets the same groups as ``shared_layers`` (``--no-shared-layers`` drops them).
 - Calibration for planning: the planner's own defaults (``CALIBRATION_DATASET/NSAMPLES/SEQLEN/SEED``
-  in ``arctl_planner.engine``: 4 x 2048 WikiText-2 train tokens), the same token ids for both. AutoScheme
+  in ``arctl_planner.engine``: 8 x 512 WikiText-2 train tokens), the same token ids for both. AutoScheme
   takes a dataset *name*, so its loader (``auto_round.auto_scheme.delta_loss.get_dataloader``) is
   swapped, for the call only, for one that yields these ids (input_ids + attention_mask batches, as
   auto-round's loader yields); ``AutoScheme(nsamples, seqlen)`` = the same sizes, its batch size is

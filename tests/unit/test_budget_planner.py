@@ -191,7 +191,7 @@ def test_default_calibration_rows_fit_the_model_context():
     def model_with_context(context):
         return SimpleNamespace(config=SimpleNamespace(max_position_embeddings=context))
 
-    assert calibration_seqlen(model_with_context(512)) == 512
+    assert calibration_seqlen(model_with_context(256)) == 256
     assert calibration_seqlen(model_with_context(8192)) == CALIBRATION_SEQLEN
     assert calibration_seqlen(SimpleNamespace()) == CALIBRATION_SEQLEN
-    assert calibration_seqlen(model_with_context(512), seqlen=1024) == 1024  # asked for: taken as given
+    assert calibration_seqlen(model_with_context(256), seqlen=1024) == 1024  # asked for: taken as given
