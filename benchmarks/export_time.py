@@ -24,6 +24,7 @@ from typing import Any
 
 from arctl.models import load_model
 from arctl.schemes import get_scheme
+from arctl_cli.pipeline import folder_bytes
 from arctl_exporter.engine import export
 from arctl_planner.engine import PlanRequest, plan_model, plan_uniform
 from arctl_tuner.config import TuneConfig
@@ -42,10 +43,6 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def folder_mb(path: Path) -> float:
-    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1)
-
-
 def time_exports(checkpoint: Path, formats: tuple[str, ...], work: Path, repeats: int) -> list[dict[str, Any]]:
     rows = []
     for name in formats:
@@ -57,7 +54,7 @@ def time_exports(checkpoint: Path, formats: tuple[str, ...], work: Path, repeats
             started = time.perf_counter()
             written = export(checkpoint, [name], out)[name]
             seconds.append(round(time.perf_counter() - started, 2))
-            size = folder_mb(written)
+            size = round(folder_bytes(written) / 1e6, 1)
         rows.append({"format": name, "seconds": seconds, "best_s": min(seconds), "size_mb": size,
                      "under_target": max(seconds) < TARGET_S})
         log(f"  {name}: {seconds} s, {size} MB")

@@ -103,6 +103,7 @@ from typing import Any
 
 import torch
 import transformers
+from machine_facts import cpu_model, resolve_device
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -253,14 +254,6 @@ def timed() -> Iterator[Clock]:
         clock.loadavg = [load_before, os.getloadavg()[0]]
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def git_head() -> dict[str, Any]:
     def git(*argv: str) -> str:
         return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, check=True).stdout
@@ -269,14 +262,6 @@ def git_head() -> dict[str, Any]:
         uncommitted = bool(git("status", "--porcelain", "services", "libs").strip())
         return {"git_head": git("rev-parse", "HEAD").strip(), "services_or_libs_uncommitted": uncommitted}
     return {}
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA device")
-    return name
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -103,6 +103,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine_facts import cpu_model, resolve_device
+
 # No torch at module level: the orchestrating process must stay small (see the docstring).
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,16 +143,6 @@ def short_name(scheme_name: str) -> str:
     return scheme_name.replace("A16", "")
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA device")
-    return name
-
-
 def autoround_scheme(scheme_name: str) -> tuple[str, dict[str, Any]]:
     """auto-round's preset and overrides for one of arctl's presets, weight-only."""
     from arctl.schemes import get_scheme
@@ -172,14 +164,6 @@ def autoround_scheme(scheme_name: str) -> tuple[str, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- machine facts
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def cpu_busy_seconds() -> float | None:
