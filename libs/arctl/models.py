@@ -156,6 +156,17 @@ def _load_model(reference: str, dtype: torch.dtype, trust_remote_code: bool) -> 
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, sha256=digest)
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The model's context length from its config (``n_positions``, ``max_position_embeddings`` or
+    ``n_ctx``, the first set: lm-evaluation-harness's order); None when the config names none."""
+    config = getattr(model, "config", None)
+    for attribute in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(dotted name, block)`` for each decoder block: the children of the first ModuleList."""
     for name, module in model.named_modules():

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arctl.models import context_length
 from arctl.tasks.items import Item, Request
 
 
@@ -191,11 +192,5 @@ def _split(scores: list[Score], documents: list[list[Encoded]]) -> list[list[Sco
 
 
 def _model_max_length(model: nn.Module) -> int:
-    """The harness's rule: the config's context length (``n_positions``, ``max_position_embeddings``
-    or ``n_ctx``), else 2048."""
-    config = getattr(model, "config", None)
-    for attribute in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, attribute, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
+    """The harness's rule: the config's context length, else 2048."""
+    return context_length(model) or 2048

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from arctl.checkpoint import MANIFEST, QUANTIZED_FILE, read_checkpoint
-from arctl.models import load_checkpoint_model, load_model
+from arctl.models import context_length, load_checkpoint_model, load_model
 
 
 class PromptError(ValueError):
@@ -79,8 +79,7 @@ class Generator:
     def __init__(self, served: ServedModel) -> None:
         self.model = served.model.eval()
         self.tokenizer = served.tokenizer
-        config = self.model.config
-        self.max_context = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.max_context = context_length(self.model) or 2048
         eos: set[int] = set()
         for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
             if isinstance(source, int):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from arctl.models import LayerInfo, LoadedModel, quantizable_layers
+from arctl.models import LayerInfo, LoadedModel, context_length, quantizable_layers
 from arctl.plan import LayerPlan, Plan
 from arctl.progress import Progress, ProgressCallback, ignore_progress
 from arctl.quant import fake_quantize
@@ -37,11 +37,10 @@ CALIBRATION_SEED = 0
 
 def calibration_seqlen(model: nn.Module, seqlen: int | None = None) -> int:
     """The calibration row length: ``seqlen`` when given, else ``CALIBRATION_SEQLEN`` capped at the
-    model's context length (``max_position_embeddings``)."""
+    model's context length."""
     if seqlen is not None:
         return seqlen
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return min(CALIBRATION_SEQLEN, context) if isinstance(context, int) and context > 0 else CALIBRATION_SEQLEN
+    return min(CALIBRATION_SEQLEN, context_length(model) or CALIBRATION_SEQLEN)
 
 
 def default_schemes() -> list[Scheme]:
