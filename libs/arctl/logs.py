@@ -20,6 +20,17 @@ def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
+class _CurrentStderr:
+    """``sys.stderr`` as it is when a line is written: it may be replaced (and the old one closed)
+    after logging is configured, e.g. by a test runner's output capture."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """Set up structlog. ``fmt``: ``auto`` (pretty on a tty, JSON otherwise), ``pretty`` or ``json``.
     Logs go to stderr so that ``--json`` output on stdout stays machine-readable."""
@@ -39,7 +50,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
 
