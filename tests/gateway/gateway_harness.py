@@ -122,11 +122,13 @@ def start_engine(model: Path, log_dir: Path, name: str = MODEL_NAME, extra: list
 
 
 def start_llama_cpp(gguf_file: Path, log_dir: Path, name: str) -> Server:
-    """llama-cpp-python's OpenAI server on ``gguf_file`` (one thread); it has no /health."""
+    """llama-cpp-python's OpenAI server on ``gguf_file`` (one thread); it has no /health. Without
+    ``--interrupt_requests False`` it cuts a running stream short (a plain ``[DONE]``) each time the
+    gateway's /v1/models probe waits for its model lock."""
     port = free_port()
     log = log_dir / f"llama-cpp-{port}.log"
     args = ["-m", "llama_cpp.server", "--model", str(gguf_file), "--model_alias", name, "--host", "127.0.0.1",
-            "--port", str(port), "--n_ctx", "1024", "--n_threads", "1"]
+            "--port", str(port), "--n_ctx", "1024", "--n_threads", "1", "--interrupt_requests", "False"]
     server = Server(_spawn(args, log), port, log)
     server.wait_ready("/v1/models", timeout=120)
     return server

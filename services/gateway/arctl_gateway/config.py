@@ -7,7 +7,7 @@ A YAML file (every key optional)::
     workers:                                   # also: ARCTL_GATEWAY_WORKERS=http://a:30000,b=http://b:30000
       - {id: a, url: "http://127.0.0.1:30000", api_key_env: SGLANG_API_KEY,
          quantization: {format: auto_round, avg_bits: 4.25, schemes: {W4A16G64: 210}}}
-      - {id: b, url: "http://127.0.0.1:8000", health_path: /v1/models, request_id_header: ""}  # llama-cpp-python
+      - {id: b, url: "http://127.0.0.1:8000", health_path: /v1/models, request_id_header: ""}  # llama-cpp-python, run with --interrupt_requests False
     auth:
       api_key_sha256: [<hex>]                  # plain keys only through ARCTL_GATEWAY_API_KEYS
       admin_key_sha256: [<hex>]                # plain key only through ARCTL_GATEWAY_ADMIN_KEY
@@ -67,7 +67,9 @@ class WorkerConfig:
     environment variable ``api_key_env``; ``quantization`` overrides what the worker reports;
     ``health_path`` is what the health checks GET (SGLang and the embedded engine answer
     ``/health``; llama-cpp-python's server has none: use ``/v1/models``, which waits while a completion
-    holds its model lock, so give ``health.timeout_s`` more than one generation); ``request_id_header`` names
+    holds its model lock, so give ``health.timeout_s`` more than one generation, and start that server
+    with ``--interrupt_requests False``: by default it ends a running stream early, with ``[DONE]``,
+    whenever another request, a health probe included, waits for the lock); ``request_id_header`` names
     the header that carries the request id upstream, ``""`` for none (llama-cpp-python's server
     answers 400 to an ``X-Request-Id`` that is not a UUID).
     """
