@@ -76,5 +76,15 @@ class BlockStore:
         quantized = unflatten_quantized(tensors, {name: schemes[name] for name in json.loads(metadata["layers"])})
         return quantized, BlockStats(**json.loads(metadata["stats"]))
 
+    def load_all(self, count: int, plan: Plan) -> dict[str, QuantizedTensor]:
+        """The quantized layers of blocks ``0 .. count-1``, every one of which must be on disk."""
+        quantized: dict[str, QuantizedTensor] = {}
+        for index in range(count):
+            saved = self.load(index, plan)
+            if saved is None:
+                raise FileNotFoundError(f"{self._path(index)} is missing: the work folder changed during the run")
+            quantized.update(saved[0])
+        return quantized
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
