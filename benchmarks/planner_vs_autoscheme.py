@@ -9,8 +9,8 @@ agreement with the float model, ``arctl.evaluation.compare_to_reference``):
   highest true bits not above the budget (3.0 -> W2A16G32_ASYM 2.5625, 3.5 -> W3A16G32 3.5,
   4.5 -> W4A16G32 4.5, 6.0 -> W5A16G32_ASYM 5.656);
 - ``autoscheme``: auto-round's ``AutoScheme`` choice, converted to an arctl Plan;
-- ``arctl``:      ``arctl_planner.engine.plan_model`` (Fisher sensitivity + knapsack), all budgets
-  from one request (the Pareto mode).
+- ``arctl``:      ``arctl_planner.engine.plan_model`` (Fisher sensitivity + knapsack + measured
+  budget-neutral swaps on 2 calibration rows), all budgets from one request (the Pareto mode).
 
 Only the plans differ: the same quantizer, tuner and evaluation run for all three, so the numbers
 compare the planners' choices. Same problem on both sides:
@@ -64,8 +64,8 @@ plans. The cores may be shared: every timing records the load average and the pr
 
 Usage::
 
-    # CPU defaults (2 cores; about an hour by estimate, not yet measured: planning ~15 min, 12 tunings
-    # of ~2 min, 24 evaluations of ~25 s): tuning 32 x 128 C4 tokens, 20 iters; eval 2 x 2048 tokens
+    # CPU defaults (2 cores; 54 min with 2 eval windows, idle): tuning 32 x 128 C4 tokens, 20 iters;
+    # eval 4 x 2048 tokens
     nohup nice python benchmarks/planner_vs_autoscheme.py > /tmp/bench_planner.log 2>&1 &
     # smoke run (about 3 minutes here; the numbers mean nothing)
     python benchmarks/planner_vs_autoscheme.py --budgets 3.0 --plan-nsamples 2 --plan-seqlen 64 \\
@@ -679,7 +679,8 @@ def settings_of(
             "input_ids_sha256": hashlib.sha256(planning.input_ids.numpy().tobytes()).hexdigest()[:16],
         },
         "arctl_planner": "arctl_planner.engine.plan_model(PlanRequest(targets, schemes=menu)), Fisher "
-        "sensitivity, knapsack, measured KL on 2 calibration rows (PlanRequest defaults otherwise)",
+        "sensitivity, knapsack, then refine_evaluations measured budget-neutral swaps per plan on 2 calibration "
+        "rows (PlanRequest defaults otherwise)",
         "autoscheme": {
             "api": "AutoRound(model, tokenizer, scheme=AutoScheme(avg_bits, options, shared_layers, nsamples, "
             "seqlen, low_cpu_mem_usage=False), iters=0, dataset=<tag>, device_map).post_init(); layer_config",
@@ -800,6 +801,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "plan_call": f"one plan_model call for {budgets}",
                 "predicted_loss": arctl_plan.notes.get("predicted_loss"),
                 "measured_kl_planning_rows": arctl_plan.notes.get("measured_kl"),
+                **{key: arctl_plan.notes.get(key) for key in
+                   ("measured_kl_before_refine", "refine_evaluations", "refine_accepted")},
             },
         }
         plans: dict[str, Plan | None] = {
@@ -874,7 +877,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calib", default="c4", help="tuning calibration source")
     parser.add_argument("--no-tune", action="store_true", help="RTN only")
     parser.add_argument("--eval-seqlen", type=int, default=2048)
-    parser.add_argument("--eval-windows", type=int, default=2)
+    # 4 x 2048 tokens: at 2 x 2048 the perplexities of plans whose KL differed by 17% came out in the
+    # opposite order (4.5 bits RTN, 2026-11-27 run), so the windows were too few to rank them
+    parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--data-dir", type=Path, default=None, help="offline data folder (default: arctl's)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument("--out", default=str(DEFAULT_OUT))

@@ -28,7 +28,7 @@ from arctl_cli.report import comparison_rows, read_run, write_report
 from arctl_cli.serving import register_serving_commands
 from arctl_exporter.engine import export
 from arctl_exporter.registry import WRITERS
-from arctl_planner.engine import plan_uniform
+from arctl_planner.engine import REFINE_EVALUATIONS, plan_uniform
 from arctl_tuner.config import RECIPES, recipe
 
 app = typer.Typer(
@@ -58,6 +58,10 @@ RuntimeOpt = Annotated[
 KeepOpt = Annotated[list[str] | None, typer.Option("--keep", help="Fix layers: GLOB=SCHEME (repeatable).")]
 SensitivityOpt = Annotated[
     str, typer.Option("--sensitivity", help="fisher (predicted KL from calibration data) or weight (no data).")
+]
+RefineOpt = Annotated[
+    int,
+    typer.Option("--refine", min=0, help="Swaps measured per plan after the solve; those lowering its measured KL are kept (0: none)."),
 ]
 SchemesOpt = Annotated[
     str | None,
@@ -122,6 +126,7 @@ def plan_command(
     runtime: RuntimeOpt = None,
     keep: KeepOpt = None,
     sensitivity: SensitivityOpt = "fisher",
+    refine: RefineOpt = REFINE_EVALUATIONS,
     dataset: DatasetOpt = "wikitext2",
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
@@ -133,7 +138,7 @@ def plan_command(
         progress(render.stage("load", f"loading {model}"))
         loaded = load_model(model)
         targets = resolve_targets(loaded, avg_bits, max_size, pareto)
-        request = build_request(targets, schemes, runtime or "any", keep or [], sensitivity)
+        request = build_request(targets, schemes, runtime or "any", keep or [], sensitivity, refine)
         plans = make_plans(loaded, request, dataset, data_dir, progress)
     if pareto is None:
         plans[0].save(out)
@@ -160,6 +165,7 @@ def quantize_command(
     runtime: RuntimeOpt = None,
     keep: KeepOpt = None,
     sensitivity: SensitivityOpt = "fisher",
+    refine: RefineOpt = REFINE_EVALUATIONS,
     plan_file: Annotated[Path | None, typer.Option("--plan", help="A plan.json from `arctl plan`.")] = None,
     formats: Annotated[list[str] | None, typer.Option("--format", "-f", help="Export format (repeatable; default auto_round).")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate float vs quantized on WikiText-2.")] = True,
@@ -190,12 +196,12 @@ def quantize_command(
     if len(chosen) > 1:
         raise fail("give only one of --avg-bits, --scheme and --plan")
     uniform = get_scheme(scheme) if scheme is not None else None
-    request = build_request((avg_bits or 4.5,), schemes, runtime_for(formats, runtime), keep or [], sensitivity)
+    request = build_request((avg_bits or 4.5,), schemes, runtime_for(formats, runtime), keep or [], sensitivity, refine)
     addresses = remote.ServiceAddresses.given(planner, tuner, exporter)
     if addresses is not None:
         choice = remote.PlanChoice(
             plan_file, scheme, avg_bits, tuple(n.strip() for n in (schemes or "").split(",") if n.strip()),
-            runtime_for(formats, runtime), tuple(keep or ()), sensitivity, dataset,
+            runtime_for(formats, runtime), tuple(keep or ()), sensitivity, dataset, refine,
         )
         tuning_remote = remote.RemoteTuning(recipe_name, iters, nsamples, seqlen, batch_size, lr, seed, dataset, resume)
         evaluation = EvalSettings(eval_seqlen, eval_windows or None, data_dir) if evaluate else None

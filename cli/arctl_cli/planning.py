@@ -14,6 +14,7 @@ from arctl_planner.budget import BudgetError, parse_keep
 from arctl_planner.engine import (
     CALIBRATION_NSAMPLES,
     CALIBRATION_SEED,
+    REFINE_EVALUATIONS,
     PlanRequest,
     calibration_seqlen,
     plan_model,
@@ -51,11 +52,13 @@ def runtime_for(formats: list[str], explicit: str | None) -> str:
 
 
 def build_request(
-    targets: tuple[float, ...], schemes: str | None, runtime: str, keep: list[str], sensitivity: str
+    targets: tuple[float, ...], schemes: str | None, runtime: str, keep: list[str], sensitivity: str,
+    refine_evaluations: int = REFINE_EVALUATIONS,
 ) -> PlanRequest:
     parsed = tuple(get_scheme(name) for name in schemes.split(",") if name.strip()) if schemes else None
     return PlanRequest(
-        targets=targets, schemes=parsed, runtime=runtime, keep=tuple(parse_keep(keep, get_scheme)), sensitivity=sensitivity
+        targets=targets, schemes=parsed, runtime=runtime, keep=tuple(parse_keep(keep, get_scheme)), sensitivity=sensitivity,
+        refine_evaluations=refine_evaluations,
     )
 
 

@@ -63,7 +63,7 @@ from arctl_cli.pipeline import (
     plan_summary,
 )
 from arctl_exporter.server import run as run_exporter
-from arctl_planner.engine import CALIBRATION_NSAMPLES, CALIBRATION_SEED
+from arctl_planner.engine import CALIBRATION_NSAMPLES, CALIBRATION_SEED, REFINE_EVALUATIONS
 from arctl_planner.server import run as run_planner
 from arctl_tuner.server import run as run_tuner
 
@@ -158,6 +158,7 @@ class PlanChoice:
     keep: tuple[str, ...] = ()
     sensitivity: str = "fisher"
     dataset: str = "wikitext2"
+    refine_evaluations: int = REFINE_EVALUATIONS
 
     def request(self, model: str) -> planner_pb2.PlanRequest:
         if self.scheme is not None:
@@ -173,6 +174,7 @@ class PlanChoice:
             calibration_data=common_pb2.ArtifactRef(uri=dataset, kind=common_pb2.ARTIFACT_KIND_DATASET),
             nsamples=CALIBRATION_NSAMPLES,
             seed=CALIBRATION_SEED,
+            refine_evaluations=self.refine_evaluations,
         )
 
 

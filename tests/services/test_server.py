@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import signal
 import subprocess
 import sys
@@ -71,6 +72,24 @@ def test_metrics_count_calls_and_jobs(start_services, tiny_model: Path) -> None:
     assert 'arctl_rpc_latency_seconds_bucket{le="0.001",method="StartPlan",service="planner"}' in text
     assert 'arctl_job_duration_seconds_count{kind="plan",service="planner",state="SUCCEEDED"}' in text
     assert 'arctl_jobs_in_flight{service="planner"}' in text
+
+
+def test_plan_request_sets_the_refinement(start_services, tiny_model: Path) -> None:
+    """refine_evaluations travels to the engine: 2 measured swaps, or none with 0."""
+    planner = start_services("planner").stub("planner")
+    measured = {}
+    for evaluations in (2, 0):
+        request = planner_pb2.PlanRequest(model=str(tiny_model), target_avg_bits=4.5, nsamples=2, seqlen=32,
+                                          calibration_data=common_pb2.ArtifactRef(uri="wikitext2"),
+                                          refine_evaluations=evaluations)
+        job = planner.StartPlan(request, timeout=10)
+        list(planner.Watch(common_pb2.WatchRequest(job_id=job.job_id), timeout=60))
+        status = planner.Get(common_pb2.GetRequest(job_id=job.job_id), timeout=10)
+        assert status.status.state == common_pb2.JOB_STATE_SUCCEEDED, status.status.error
+        notes = json.loads(status.plan.plan_json)["notes"]
+        measured[evaluations] = notes["refine_evaluations"]
+        assert notes["measured_kl"] <= notes["measured_kl_before_refine"]
+    assert measured == {2: 2, 0: 0}
 
 
 def test_internal_errors_do_not_leak_details(start_services, tiny_model: Path) -> None:

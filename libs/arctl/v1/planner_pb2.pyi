@@ -39,6 +39,7 @@ class PlanRequest(_message.Message):
     SEQLEN_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     SENSITIVITY_FIELD_NUMBER: _builtins.int
+    REFINE_EVALUATIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The full-precision model: a local HF folder, a GGUF file, or a hub id."""
     target_avg_bits: _builtins.float
@@ -59,6 +60,10 @@ class PlanRequest(_message.Message):
     sensitivity: _builtins.str
     """How layer sensitivity is measured: "fisher" (predicted KL from calibration data) or "weight"
     (squared weight error, no data). Empty = "fisher".
+    """
+    refine_evaluations: _builtins.int
+    """Budget-neutral swaps measured per plan after the solve; those that lower the plan's measured KL
+    on the calibration rows are kept. Unset = engine default; 0 = no refinement.
     """
     @_builtins.property
     def candidate_schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -95,15 +100,18 @@ class PlanRequest(_message.Message):
         seqlen: _builtins.int | None = ...,
         seed: _builtins.int | None = ...,
         sensitivity: _builtins.str = ...,
+        refine_evaluations: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes", "_nsamples", b"_nsamples", "_seed", b"_seed", "_seqlen", b"_seqlen", "_target_avg_bits", b"_target_avg_bits", "calibration_data", b"calibration_data", "max_size_bytes", b"max_size_bytes", "nsamples", b"nsamples", "seed", b"seed", "seqlen", b"seqlen", "target_avg_bits", b"target_avg_bits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes", "_nsamples", b"_nsamples", "_refine_evaluations", b"_refine_evaluations", "_seed", b"_seed", "_seqlen", b"_seqlen", "_target_avg_bits", b"_target_avg_bits", "calibration_data", b"calibration_data", "max_size_bytes", b"max_size_bytes", "nsamples", b"nsamples", "refine_evaluations", b"refine_evaluations", "seed", b"seed", "seqlen", b"seqlen", "target_avg_bits", b"target_avg_bits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes", "_nsamples", b"_nsamples", "_seed", b"_seed", "_seqlen", b"_seqlen", "_target_avg_bits", b"_target_avg_bits", "calibration_data", b"calibration_data", "candidate_schemes", b"candidate_schemes", "keep", b"keep", "max_size_bytes", b"max_size_bytes", "model", b"model", "nsamples", b"nsamples", "pareto_budgets", b"pareto_budgets", "seed", b"seed", "sensitivity", b"sensitivity", "seqlen", b"seqlen", "target_avg_bits", b"target_avg_bits", "target_runtime", b"target_runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes", "_nsamples", b"_nsamples", "_refine_evaluations", b"_refine_evaluations", "_seed", b"_seed", "_seqlen", b"_seqlen", "_target_avg_bits", b"_target_avg_bits", "calibration_data", b"calibration_data", "candidate_schemes", b"candidate_schemes", "keep", b"keep", "max_size_bytes", b"max_size_bytes", "model", b"model", "nsamples", b"nsamples", "pareto_budgets", b"pareto_budgets", "refine_evaluations", b"refine_evaluations", "seed", b"seed", "sensitivity", b"sensitivity", "seqlen", b"seqlen", "target_avg_bits", b"target_avg_bits", "target_runtime", b"target_runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_size_bytes: _TypeAlias = _typing.Literal["max_size_bytes"]  # noqa: Y015
     _WhichOneofArgType__max_size_bytes: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes"]  # noqa: Y015
     _WhichOneofReturnType__nsamples: _TypeAlias = _typing.Literal["nsamples"]  # noqa: Y015
     _WhichOneofArgType__nsamples: _TypeAlias = _typing.Literal["_nsamples", b"_nsamples"]  # noqa: Y015
+    _WhichOneofReturnType__refine_evaluations: _TypeAlias = _typing.Literal["refine_evaluations"]  # noqa: Y015
+    _WhichOneofArgType__refine_evaluations: _TypeAlias = _typing.Literal["_refine_evaluations", b"_refine_evaluations"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__seqlen: _TypeAlias = _typing.Literal["seqlen"]  # noqa: Y015
@@ -114,6 +122,8 @@ class PlanRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_size_bytes) -> _WhichOneofReturnType__max_size_bytes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__nsamples) -> _WhichOneofReturnType__nsamples | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__refine_evaluations) -> _WhichOneofReturnType__refine_evaluations | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload

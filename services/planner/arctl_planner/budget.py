@@ -123,6 +123,55 @@ def _capacity(target: float, weights: int) -> int:
     return int(target * weights + 1e-6)
 
 
+@dataclass(frozen=True)
+class BudgetProblem:
+    """The knapsack for ``layers``: items (fused groups or lone layers), their member layers and the
+    scheme behind each option; maps a choice vector to a Plan and back."""
+
+    layers: tuple[LayerInfo, ...]
+    items: tuple[Item, ...]
+    members: tuple[tuple[LayerInfo, ...], ...]
+    options: tuple[tuple[Scheme, ...], ...]
+
+    @property
+    def weights(self) -> int:
+        return sum(layer.shape[0] * layer.shape[1] for layer in self.layers)
+
+    def capacity(self, target: float) -> int:
+        return _capacity(target, self.weights)
+
+    def choices(self, plan: Plan) -> list[int]:
+        """The option index of each item in ``plan``."""
+        schemes = {layer.name: layer.scheme for layer in plan.layers}
+        return [options.index(schemes[group[0].name]) for group, options in zip(self.members, self.options, strict=True)]
+
+    def predicted_loss(self, choices: Sequence[int]) -> float:
+        return sum(item.options[c].loss for item, c in zip(self.items, choices, strict=True))
+
+    def plan(self, choices: Sequence[int], target: float, model_id: str, model_sha256: str, notes: Mapping[str, object]) -> Plan:
+        chosen = {
+            member.name: self.options[index][choice] for index, choice in enumerate(choices) for member in self.members[index]
+        }
+        return Plan(
+            model_id=model_id,
+            model_sha256=model_sha256,
+            layers=tuple(LayerPlan(x.name, x.shape, chosen[x.name], x.fused_group) for x in self.layers),
+            target_avg_bits=target,
+            notes={**notes, "predicted_loss": self.predicted_loss(choices)},
+        )
+
+
+def build_problem(
+    layers: Sequence[LayerInfo],
+    schemes: Sequence[Scheme],
+    error: ErrorFn,
+    runtime: str = "any",
+    keep: Sequence[tuple[str, Scheme]] = (),
+) -> BudgetProblem:
+    items, members, options = build_items(layers, schemes, error, runtime, keep)
+    return BudgetProblem(tuple(layers), tuple(items), tuple(map(tuple, members)), tuple(map(tuple, options)))
+
+
 def plan_for_budgets(
     layers: Sequence[LayerInfo],
     schemes: Sequence[Scheme],
@@ -139,37 +188,31 @@ def plan_for_budgets(
     Raises:
         BudgetError: a target below the cheapest or above the richest assignment, or no scheme fits.
     """
-    items, members, options = build_items(layers, schemes, error, runtime, keep)
-    weights = sum(layer.shape[0] * layer.shape[1] for layer in layers)
-    cheapest = sum(min(o.cost for o in item.options) for item in items) / weights
-    richest = sum(max(o.cost for o in item.options) for item in items) / weights
+    return solve_budgets(build_problem(layers, schemes, error, runtime, keep), targets, model_id, model_sha256,
+                         {**(notes or {}), "runtime": runtime})
+
+
+def solve_budgets(
+    problem: BudgetProblem, targets: Sequence[float], model_id: str, model_sha256: str, notes: Mapping[str, object]
+) -> list[Plan]:
+    """``plan_for_budgets`` on a built problem."""
+    weights = problem.weights
+    cheapest = sum(min(o.cost for o in item.options) for item in problem.items) / weights
+    richest = sum(max(o.cost for o in item.options) for item in problem.items) / weights
     for target in targets:
         if not cheapest - 1e-9 <= target <= richest + 1e-9:
             raise BudgetError(
                 f"--avg-bits {target} is outside what the schemes can reach on this model: "
                 f"{cheapest:.4f} to {richest:.4f} true bits"
             )
-    table = KnapsackTable(items, _capacity(max(targets), weights))
+    table = KnapsackTable(problem.items, problem.capacity(max(targets)))
     plans = []
     for target in targets:
         try:
-            solution = table.solve(_capacity(target, weights))
+            solution = table.solve(problem.capacity(target))
         except InfeasibleBudgetError as exc:
             raise BudgetError(f"--avg-bits {target}: {exc}") from exc
-        chosen = {
-            member.name: options[index][choice]
-            for index, choice in enumerate(solution.choices)
-            for member in members[index]
-        }
-        plans.append(
-            Plan(
-                model_id=model_id,
-                model_sha256=model_sha256,
-                layers=tuple(LayerPlan(x.name, x.shape, chosen[x.name], x.fused_group) for x in layers),
-                target_avg_bits=target,
-                notes={**(notes or {}), "predicted_loss": solution.loss, "runtime": runtime},
-            )
-        )
+        plans.append(problem.plan(solution.choices, target, model_id, model_sha256, notes))
     return plans
 
 

@@ -19,6 +19,7 @@ from arctl_planner.engine import (
     CALIBRATION_DATASET,
     CALIBRATION_NSAMPLES,
     CALIBRATION_SEED,
+    REFINE_EVALUATIONS,
     SENSITIVITIES,
     PlanRequest,
 )
@@ -46,6 +47,7 @@ class PlanParams:
     nsamples: int
     seqlen: int | None  # None: the planner's default, capped at the model's context
     seed: int
+    refine_evaluations: int = REFINE_EVALUATIONS
 
     @property
     def uniform(self) -> Scheme | None:
@@ -57,7 +59,8 @@ class PlanParams:
         """The engine's request: the request's own budget (if any), then the Pareto budgets."""
         targets = ((own_target,) if own_target is not None else ()) + self.pareto
         return PlanRequest(
-            targets=targets, schemes=self.schemes, runtime=self.runtime, keep=self.keep, sensitivity=self.sensitivity
+            targets=targets, schemes=self.schemes, runtime=self.runtime, keep=self.keep, sensitivity=self.sensitivity,
+            refine_evaluations=self.refine_evaluations,
         )
 
 
@@ -112,6 +115,7 @@ def plan_params(request: planner_pb2.PlanRequest, artefacts: ArtefactPolicy) -> 
         nsamples=request.nsamples if request.HasField("nsamples") else CALIBRATION_NSAMPLES,
         seqlen=request.seqlen if request.HasField("seqlen") else None,
         seed=request.seed if request.HasField("seed") else CALIBRATION_SEED,
+        refine_evaluations=request.refine_evaluations if request.HasField("refine_evaluations") else REFINE_EVALUATIONS,
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,9 +18,11 @@ from arctl_planner.budget import (
     ErrorFn,
     average_bits,
     build_items,
-    plan_for_budgets,
+    build_problem,
+    solve_budgets,
 )
-from arctl_planner.measure import measured_kl, reference_log_probs
+from arctl_planner.measure import reference_log_probs
+from arctl_planner.refine import refine_plan
 from arctl_planner.sensitivity import collect_statistics, predicted_kl
 
 DEFAULT_BITS = (2, 3, 4, 8)
@@ -33,6 +35,8 @@ CALIBRATION_DATASET = "wikitext2"
 CALIBRATION_NSAMPLES = 8
 CALIBRATION_SEQLEN = 512
 CALIBRATION_SEED = 0
+# Measured swaps tried per plan after the solve (each is one forward pass over ``measure_rows`` rows).
+REFINE_EVALUATIONS = 8
 
 
 def calibration_seqlen(model: nn.Module, seqlen: int | None = None) -> int:
@@ -56,7 +60,8 @@ class PlanRequest:
     candidate schemes (None: ``default_schemes``), target runtime, fixed layers, and the
     sensitivity measure (``fisher``: predicted KL from calibration data; ``weight``: squared weight
     error, no data). With calibration data, each plan's real KL (round to nearest) is measured on
-    ``measure_rows`` calibration rows and stored beside the predicted one."""
+    ``measure_rows`` calibration rows and stored beside the predicted one, after up to
+    ``refine_evaluations`` budget-neutral swaps were measured and the ones that lowered it kept."""
 
     targets: tuple[float, ...]
     schemes: tuple[Scheme, ...] | None = None
@@ -64,6 +69,7 @@ class PlanRequest:
     keep: tuple[tuple[str, Scheme], ...] = ()
     sensitivity: str = "fisher"
     measure_rows: int = 2
+    refine_evaluations: int = REFINE_EVALUATIONS
     notes: dict[str, object] = field(default_factory=dict)
 
 
@@ -120,28 +126,23 @@ def plan_model(
         error = fisher_error(loaded.model, layers, calibration_ids, progress)
     else:
         error = squared_weight_error(loaded.model)
-    notes = {**request.notes, "planner": "fisher-knapsack", "sensitivity": request.sensitivity}
-    plans = plan_for_budgets(
-        layers,
-        list(request.schemes or default_schemes()),
-        list(request.targets),
-        error,
-        model_id=loaded.model_id,
-        model_sha256=loaded.sha256,
-        runtime=request.runtime,
-        keep=request.keep,
-        notes=notes,
-    )
+    notes = {**request.notes, "planner": "fisher-knapsack", "sensitivity": request.sensitivity, "runtime": request.runtime}
+    problem = build_problem(layers, list(request.schemes or default_schemes()), error, request.runtime, request.keep)
+    plans = solve_budgets(problem, request.targets, loaded.model_id, loaded.sha256, notes)
     if calibration_ids is None or request.measure_rows <= 0:
         return plans
     rows = calibration_ids[: request.measure_rows]
     reference = reference_log_probs(loaded.model, rows)
-    measured = []
+    refined = []
     for index, plan in enumerate(plans):
-        kl = measured_kl(loaded.model, plan, rows, reference)
-        measured.append(replace(plan, notes={**plan.notes, "measured_kl": kl, "measured_tokens": int(rows.numel())}))
-        progress(Progress("measure", index + 1, len(plans), f"{plan.target_avg_bits:g} bits: KL {kl:.4g}"))
-    return measured
+        result = refine_plan(loaded.model, problem, plan, rows, reference, max(request.refine_evaluations, 0))
+        refined.append(result.plan)
+        progress(Progress(
+            "refine", index + 1, len(plans),
+            f"{plan.target_avg_bits:g} bits: measured KL {result.measured_kl_before:.4g} -> {result.measured_kl:.4g} "
+            f"({result.accepted} of {result.evaluations} swaps kept)",
+        ))
+    return refined
 
 
 def plan_uniform(loaded: LoadedModel, scheme: Scheme) -> Plan:
