@@ -76,8 +76,8 @@ CPU defaults, measured here. One auto-round INT4 run at 32 x 512 tokens, 50 iter
 on these 2 cores, so the issue's example settings do not fit eight tuned runs in an hour. Tuning
 cost grows with iters x batch x seqlen (nsamples only adds the cached forward passes). At 10 iters
 (lr 1/10) neither tuner beat RTN's perplexity on W4A16G64; at 20 both did. The defaults, 32 x 128
-tokens and 20 iters (lr 1/20), took 33.5 minutes for the four schemes (W4A16G64 idle: arctl 105 s,
-auto-round 121 s; ~1.5 minutes per scheme to evaluate). The cores are shared with other engineers'
+tokens and 20 iters (lr 1/20), took 25 minutes for the four schemes on 2026-11-27 (W4A16G64 idle:
+arctl 87 s, auto-round 117 s; ~1.5 minutes per scheme to evaluate). The cores are shared with other engineers'
 test runs, and timings swing with that load far more than the load itself suggests (both tuners
 run 2 OpenMP threads, which stall when a core is taken): the same W4A16G64 run took arctl 800 s and
 auto-round 482 s with ~1 core busy elsewhere. Every run records ``other_load_cores``: compare wall
