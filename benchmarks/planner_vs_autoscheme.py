@@ -67,6 +67,8 @@ Usage::
     # CPU defaults (2 cores; 54 min with 2 eval windows, idle): tuning 32 x 128 C4 tokens, 20 iters;
     # eval 4 x 2048 tokens
     nohup nice python benchmarks/planner_vs_autoscheme.py > /tmp/bench_planner.log 2>&1 &
+    # planning times only (arctl one budget, AutoScheme one budget cold, arctl Pareto; ~8 minutes)
+    python benchmarks/planner_vs_autoscheme.py --plan-only --out /tmp/planner_times.json
     # smoke run (about 3 minutes here; the numbers mean nothing)
     python benchmarks/planner_vs_autoscheme.py --budgets 3.0 --plan-nsamples 2 --plan-seqlen 64 \\
         --iters 1 --nsamples 2 --batch-size 2 --seqlen 64 --eval-windows 1 --eval-seqlen 256 \\
@@ -788,6 +790,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "autoscheme_single": first.get("error") or {**first["search"][0], "budget": budgets[0]},
         "order": "arctl single, AutoScheme (first budget: cold call, then its target search), arctl pareto",
     }
+    if args.plan_only:
+        payload["arctl_plans"] = [
+            {"bits": plan.target_avg_bits, "true_bits": round(plan.avg_bits, 5), "scheme": plan.scheme_counts(),
+             **{key: plan.notes.get(key) for key in
+                ("predicted_loss", "measured_kl", "measured_kl_before_refine", "refine_evaluations", "refine_accepted")}}
+            for plan in arctl_plans
+        ]
+        payload["acceptance"] = acceptance(payload)
+        payload["total_s"] = round(time.perf_counter() - started, 1)
+        write(out, payload)
+        log(f"planning only: {json.dumps(payload['planning'], default=str)}")
+        log(f"acceptance: {json.dumps(payload['acceptance'])}; wrote {out}")
+        if args.work_dir is None and not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+        return payload
 
     for budget, arctl_plan in zip(budgets, arctl_plans, strict=True):
         if budget not in autoscheme:
@@ -876,6 +893,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="tuning seed")
     parser.add_argument("--calib", default="c4", help="tuning calibration source")
     parser.add_argument("--no-tune", action="store_true", help="RTN only")
+    parser.add_argument(
+        "--plan-only", action="store_true", help="time the planners (single, AutoScheme, Pareto) and stop: no rows"
+    )
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     # 4 x 2048 tokens: at 2 x 2048 the perplexities of plans whose KL differed by 17% came out in the
     # opposite order (4.5 bits RTN, 2026-11-27 run), so the windows were too few to rank them

@@ -3,7 +3,9 @@ tiny random model."""
 
 from __future__ import annotations
 
+import copy
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from arctl.models import LoadedModel, quantizable_layers
 from arctl.schemes import get_scheme
 from arctl_planner.budget import build_problem, solve_budgets
 from arctl_planner.engine import PlanRequest, plan_model, squared_weight_error
-from arctl_planner.measure import measured_kl, reference_log_probs
+from arctl_planner.measure import SwapMeasure, measured_kl, reference_log_probs
 from arctl_planner.refine import refine_plan
 from arctl_planner.solver import Item, Option, solve
 from arctl_planner.swaps import ranked_swaps
@@ -113,3 +115,33 @@ def test_plan_model_reports_the_refinement(tiny):
     assert [e.stage for e in events if e.stage == "refine"] == ["refine", "refine"]
     plain = plan_model(loaded, PlanRequest(targets=(3.5,), schemes=tuple(SCHEMES), sensitivity="weight", refine_evaluations=0), rows)
     assert plain[0].notes["refine_evaluations"] == 0
+
+
+def test_swap_measure_equals_a_full_measurement_and_restores_the_weights(tiny):
+    loaded, rows = tiny
+    model = loaded.model
+    layers = quantizable_layers(model)
+    problem = build_problem(layers, SCHEMES, squared_weight_error(model))
+    plan = solve_budgets(problem, [3.5], "tiny", "0", {})[0]
+    reference = reference_log_probs(model, rows)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    float_copy = copy.deepcopy(model)  # SwapMeasure changes ``model`` in place: expectations come from a copy
+    last_block = layers[-1].name  # a change in the last block reruns only that block
+    first_block = layers[0].name
+    with SwapMeasure(model, plan, rows, reference) as measure:
+        assert measure.kl == pytest.approx(measured_kl(float_copy, plan, rows, reference), rel=1e-6)
+        for changes, keep in (({last_block: get_scheme("W2A16G32_ASYM")}, True), ({first_block: get_scheme("BF16")}, False),
+                              ({first_block: get_scheme("W8A16G64"), last_block: get_scheme("W4A16G32")}, True)):
+            trial = replace(plan, layers=tuple(
+                replace(layer, scheme=changes.get(layer.name, measure.schemes[layer.name])) for layer in plan.layers
+            ))
+            kl = measure.trial(changes)
+            assert kl == pytest.approx(measured_kl(float_copy, trial, rows, reference), rel=1e-6)
+            if keep:
+                measure.accept()
+                plan = trial
+            else:
+                measure.reject()
+            assert measure.kl == pytest.approx(measured_kl(float_copy, plan, rows, reference), rel=1e-6)
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)

@@ -1,7 +1,8 @@
 """Refinement of a solved plan by measurement: try the budget-neutral swaps the additive model rates
 nearly as good (``swaps.ranked_swaps``), measure each swapped plan's KL to the float model on the
-calibration rows, keep a swap when it lowers the measured KL. Greedy, ``evaluations`` measurements
-at most; the plan never leaves its budget."""
+calibration rows (``SwapMeasure``: only the blocks from the first changed one are rerun), keep a
+swap when it lowers the measured KL. Greedy, ``evaluations`` measurements at most; the plan never
+leaves its budget."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from arctl.plan import Plan
 from arctl_planner.budget import BudgetProblem
-from arctl_planner.measure import measured_kl
+from arctl_planner.measure import SwapMeasure
 from arctl_planner.swaps import ranked_swaps
 
 
@@ -40,24 +41,34 @@ def refine_plan(
     ``refine_accepted``. ``on_step(done, best_kl)`` is called after each measurement."""
     capacity = problem.capacity(plan.target_avg_bits)
     choices = problem.choices(plan)
-    before = best = measured_kl(model, plan, rows, reference)
     tried: set[tuple[int, ...]] = {tuple(choices)}
     done = accepted = 0
-    while done < evaluations:
-        candidates = [
-            swap for swap in ranked_swaps(problem.items, choices, capacity, len(tried) + evaluations)
-            if tuple(swap.apply(choices)) not in tried
-        ]
-        if not candidates:
-            break
-        trial_choices = candidates[0].apply(choices)
-        tried.add(tuple(trial_choices))
-        trial = problem.plan(trial_choices, plan.target_avg_bits, plan.model_id, plan.model_sha256, plan.notes)
-        kl = measured_kl(model, trial, rows, reference)
-        done += 1
-        if kl < best:
-            best, choices, plan, accepted = kl, trial_choices, trial, accepted + 1
-        on_step(done, best)
+    with SwapMeasure(model, plan, rows, reference) as measure:
+        before = best = measure.kl
+        while done < evaluations:
+            candidates = [
+                swap for swap in ranked_swaps(problem.items, choices, capacity, len(tried) + evaluations)
+                if tuple(swap.apply(choices)) not in tried
+            ]
+            if not candidates:
+                break
+            swap = candidates[0]
+            trial_choices = swap.apply(choices)
+            tried.add(tuple(trial_choices))
+            changes = {
+                member.name: problem.options[item][trial_choices[item]]
+                for item in (swap.up, swap.down)
+                for member in problem.members[item]
+            }
+            kl = measure.trial(changes)
+            done += 1
+            if kl < best:
+                measure.accept()
+                best, choices, accepted = kl, trial_choices, accepted + 1
+            else:
+                measure.reject()
+            on_step(done, best)
+    plan = problem.plan(choices, plan.target_avg_bits, plan.model_id, plan.model_sha256, plan.notes)
     notes = {
         **plan.notes,
         "measured_kl": best,
