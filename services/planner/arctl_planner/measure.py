@@ -48,14 +48,22 @@ def measured_kl(model: nn.Module, plan: Plan, input_ids: torch.Tensor, reference
         return _mean_kl(model, input_ids, reference)
 
 
-def _mean_kl(model: nn.Module, input_ids: torch.Tensor, reference: list[torch.Tensor], cursor: list[int] | None = None) -> float:
-    """Mean KL(reference || model) per token, row by row; ``cursor[0]`` is set to the row's index."""
+def _mean_kl(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    reference: list[torch.Tensor],
+    cursor: list[int] | None = None,
+    probabilities: list[torch.Tensor] | None = None,
+) -> float:
+    """Mean KL(reference || model) per token, row by row; ``cursor[0]`` is set to the row's index;
+    ``probabilities``: ``reference`` exponentiated, when the caller keeps it for many calls."""
     total, count = 0.0, 0
     for index, (row, ref) in enumerate(zip(input_ids, reference, strict=True)):
         if cursor is not None:
             cursor[0] = index
         logp = functional.log_softmax(model(row.unsqueeze(0), use_cache=False).logits[0].float(), dim=-1)
-        total += float((ref.exp() * (ref - logp)).sum())
+        prob = ref.exp() if probabilities is None else probabilities[index]
+        total += float((prob * (ref - logp)).sum())
         count += ref.shape[0]
     return total / count
 
@@ -95,6 +103,7 @@ class SwapMeasure:
         self.model = model
         self.rows = input_ids
         self.reference = reference
+        self.probabilities = [ref.exp() for ref in reference]  # the same values as measured_kl's, once
         self.blocks = decoder_blocks(model)
         self.schemes = {layer.name: layer.scheme for layer in plan.layers}
         self.originals: dict[str, torch.Tensor] = {}
@@ -145,7 +154,7 @@ class SwapMeasure:
                 parent = self.model.get_submodule(parent_name)
                 setattr(parent, child, _Replay(block, self.outputs[index], cursor))
                 swapped.append((parent, child, block))
-            kl = _mean_kl(self.model, self.rows, self.reference, cursor)
+            kl = _mean_kl(self.model, self.rows, self.reference, cursor, self.probabilities)
         finally:
             for parent, child, block in swapped:
                 setattr(parent, child, block)
