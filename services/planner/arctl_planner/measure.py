@@ -112,12 +112,16 @@ class SwapMeasure:
         self._pending: tuple[dict[str, Scheme], dict[str, torch.Tensor], int, list[list[Any]], float] | None = None
 
     def __enter__(self) -> Self:
-        with torch.no_grad():
-            for name, scheme in self.schemes.items():
-                weight = self.model.get_submodule(name).weight
-                self.originals[name] = weight.detach().clone()
-                self._set(name, scheme)
-        self.kl, self.outputs = self._run(0)
+        try:
+            with torch.no_grad():
+                for name, scheme in self.schemes.items():
+                    weight = self.model.get_submodule(name).weight
+                    self.originals[name] = weight.detach().clone()
+                    self._set(name, scheme)
+            self.kl, self.outputs = self._run(0)
+        except BaseException:
+            self.__exit__()  # the float weights go back even when the first measurement fails
+            raise
         return self
 
     def __exit__(self, *_exc: object) -> None:
