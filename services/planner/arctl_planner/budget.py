@@ -84,39 +84,6 @@ def _fixed_schemes(layers: Sequence[LayerInfo], keep: Sequence[tuple[str, Scheme
     return fixed
 
 
-def build_items(
-    layers: Sequence[LayerInfo],
-    schemes: Sequence[Scheme],
-    error: ErrorFn,
-    runtime: str = "any",
-    keep: Sequence[tuple[str, Scheme]] = (),
-) -> tuple[list[Item], list[list[LayerInfo]], list[list[Scheme]]]:
-    """Items (one per fused group or lone layer) with their options' true bits and summed loss."""
-    groups: dict[str, list[LayerInfo]] = defaultdict(list)
-    for layer in layers:
-        groups[layer.fused_group or layer.name].append(layer)
-    fixed = _fixed_schemes(layers, keep)
-    allowed = [scheme for scheme in schemes if runtime_allows(runtime, scheme)]
-    items, members, options = [], [], []
-    for name, group in groups.items():
-        pinned = {fixed[m.name] for m in group if m.name in fixed}
-        if len(pinned) > 1:
-            raise BudgetError(f"--keep gives the fused group {name} different schemes; its layers must share one")
-        choices = list(pinned) if pinned else [s for s in allowed if all(s.fits(m.shape[1]) for m in group)]
-        if not choices:
-            raise BudgetError(
-                f"no candidate scheme fits {group[0].name} (in_features {group[0].shape[1]}) for runtime {runtime}"
-            )
-        item_options = tuple(
-            Option(cost=sum(layer_bits(s, *m.shape).total for m in group), loss=sum(error(m, s) for m in group))
-            for s in choices
-        )
-        items.append(Item(name, item_options))
-        members.append(group)
-        options.append(choices)
-    return items, members, options
-
-
 def _capacity(target: float, weights: int) -> int:
     """The budget in whole bits. A target computed from a plan's own bits (``bits / weights``) can land
     a rounding error below that integer: round such a target back up, never more than 1e-6 bit."""
@@ -168,8 +135,30 @@ def build_problem(
     runtime: str = "any",
     keep: Sequence[tuple[str, Scheme]] = (),
 ) -> BudgetProblem:
-    items, members, options = build_items(layers, schemes, error, runtime, keep)
-    return BudgetProblem(tuple(layers), tuple(items), tuple(map(tuple, members)), tuple(map(tuple, options)))
+    """Items (one per fused group or lone layer) with their options' true bits and summed loss."""
+    groups: dict[str, list[LayerInfo]] = defaultdict(list)
+    for layer in layers:
+        groups[layer.fused_group or layer.name].append(layer)
+    fixed = _fixed_schemes(layers, keep)
+    allowed = [scheme for scheme in schemes if runtime_allows(runtime, scheme)]
+    items, members, options = [], [], []
+    for name, group in groups.items():
+        pinned = {fixed[m.name] for m in group if m.name in fixed}
+        if len(pinned) > 1:
+            raise BudgetError(f"--keep gives the fused group {name} different schemes; its layers must share one")
+        choices = tuple(pinned) if pinned else tuple(s for s in allowed if all(s.fits(m.shape[1]) for m in group))
+        if not choices:
+            raise BudgetError(
+                f"no candidate scheme fits {group[0].name} (in_features {group[0].shape[1]}) for runtime {runtime}"
+            )
+        item_options = tuple(
+            Option(cost=sum(layer_bits(s, *m.shape).total for m in group), loss=sum(error(m, s) for m in group))
+            for s in choices
+        )
+        items.append(Item(name, item_options))
+        members.append(tuple(group))
+        options.append(choices)
+    return BudgetProblem(tuple(layers), tuple(items), tuple(members), tuple(options))
 
 
 def plan_for_budgets(

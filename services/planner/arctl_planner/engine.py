@@ -17,7 +17,6 @@ from arctl_planner.budget import (
     BudgetError,
     ErrorFn,
     average_bits,
-    build_items,
     build_problem,
     solve_budgets,
 )
@@ -151,7 +150,7 @@ def plan_uniform(loaded: LoadedModel, scheme: Scheme) -> Plan:
     Built directly, not by the budget solver: its table may round costs up, which can make the
     exact uniform budget look unreachable (NVFP4, channel-wise schemes)."""
     layers = quantizable_layers(loaded.model)
-    build_items(layers, [scheme], lambda *_: 0.0)  # the same fit checks as a budgeted plan
+    build_problem(layers, [scheme], lambda *_: 0.0)  # the same fit checks as a budgeted plan
     return Plan(
         model_id=loaded.model_id,
         model_sha256=loaded.sha256,

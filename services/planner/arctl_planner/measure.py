@@ -1,11 +1,9 @@
 """Measured KL of a planned model: the plan applied with round-to-nearest, against the float model,
-on calibration tokens. Weights are swapped in place and restored. ``SwapMeasure`` measures plans
-that differ in a few layers without rerunning the blocks before the first change."""
+on calibration tokens. Weights are changed in place and restored. ``SwapMeasure`` also measures
+plans that differ in a few layers without rerunning the blocks before the first change."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Self
 
 import torch
@@ -18,52 +16,32 @@ from arctl.quant import fake_quantize
 from arctl.schemes import Scheme
 
 
-@contextmanager
-def planned_weights(model: nn.Module, plan: Plan) -> Iterator[nn.Module]:
-    """``model`` with every planned layer fake-quantized by its scheme, restored on exit."""
-    originals: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for layer in plan.layers:
-                module = model.get_submodule(layer.name)
-                originals[layer.name] = module.weight.detach().clone()
-                module.weight.copy_(fake_quantize(module.weight.float(), layer.scheme).to(module.weight.dtype))
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, weight in originals.items():
-                model.get_submodule(name).weight.copy_(weight)
-
-
 @torch.no_grad()
 def reference_log_probs(model: nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """Float log-probabilities per calibration row (kept to compare several plans)."""
     return [functional.log_softmax(model(row.unsqueeze(0), use_cache=False).logits[0].float(), dim=-1) for row in input_ids]
 
 
-@torch.no_grad()
 def measured_kl(model: nn.Module, plan: Plan, input_ids: torch.Tensor, reference: list[torch.Tensor]) -> float:
     """Mean KL(float || planned) per token over ``input_ids`` ``[n, seqlen]`` (nats)."""
-    with planned_weights(model, plan):
-        return _mean_kl(model, input_ids, reference)
+    with SwapMeasure(model, plan, input_ids, reference) as measure:
+        return measure.kl
 
 
 def _mean_kl(
     model: nn.Module,
     input_ids: torch.Tensor,
     reference: list[torch.Tensor],
-    cursor: list[int] | None = None,
-    probabilities: list[torch.Tensor] | None = None,
+    probabilities: list[torch.Tensor],
+    cursor: list[int],
 ) -> float:
-    """Mean KL(reference || model) per token, row by row; ``cursor[0]`` is set to the row's index;
-    ``probabilities``: ``reference`` exponentiated, when the caller keeps it for many calls."""
+    """Mean KL(reference || model) per token, row by row (``probabilities``: ``reference``
+    exponentiated); ``cursor[0]`` is set to the row's index before its forward pass."""
     total, count = 0.0, 0
     for index, (row, ref) in enumerate(zip(input_ids, reference, strict=True)):
-        if cursor is not None:
-            cursor[0] = index
+        cursor[0] = index
         logp = functional.log_softmax(model(row.unsqueeze(0), use_cache=False).logits[0].float(), dim=-1)
-        prob = ref.exp() if probabilities is None else probabilities[index]
-        total += float((prob * (ref - logp)).sum())
+        total += float((probabilities[index] * (ref - logp)).sum())
         count += ref.shape[0]
     return total / count
 
@@ -91,8 +69,8 @@ class _Replay(nn.Module):
 class SwapMeasure:
     """Measured KL of a plan, and of trial plans that differ from it in a few layers, rerunning only
     the decoder blocks from the first changed one (the outputs of the blocks before it are kept from
-    the last accepted plan and replayed). The results equal ``measured_kl`` of the same plans: the
-    same weights and the same inputs reach every block.
+    the last accepted plan and replayed). A trial's KL equals a fresh measurement of the same plan:
+    the same weights and the same inputs reach every block.
 
     Use as a context manager: the planned weights are applied in place on entry and the float
     weights restored on exit. ``trial(changes)`` measures a change of schemes, then ``accept()`` or
@@ -103,7 +81,7 @@ class SwapMeasure:
         self.model = model
         self.rows = input_ids
         self.reference = reference
-        self.probabilities = [ref.exp() for ref in reference]  # the same values as measured_kl's, once
+        self.probabilities = [ref.exp() for ref in reference]
         self.blocks = decoder_blocks(model)
         self.schemes = {layer.name: layer.scheme for layer in plan.layers}
         self.originals: dict[str, torch.Tensor] = {}
@@ -158,7 +136,7 @@ class SwapMeasure:
                 parent = self.model.get_submodule(parent_name)
                 setattr(parent, child, _Replay(block, self.outputs[index], cursor))
                 swapped.append((parent, child, block))
-            kl = _mean_kl(self.model, self.rows, self.reference, cursor, self.probabilities)
+            kl = _mean_kl(self.model, self.rows, self.reference, self.probabilities, cursor)
         finally:
             for parent, child, block in swapped:
                 setattr(parent, child, block)
