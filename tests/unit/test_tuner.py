@@ -189,3 +189,27 @@ def test_plans_that_do_not_fit_the_model_are_refused(tmp_path: Path) -> None:
         tune_model(loaded, unknown, tmp_path / "b", config, _calibration())
     with pytest.raises(TuneConfigError, match="calibration"):
         tune_model(loaded, base, tmp_path / "c", config, None)
+
+
+def test_bfloat16_tuning_on_cpu_runs_eager_attention_and_gives_the_model_its_own_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = _loaded()
+    loaded.model.set_attn_implementation("sdpa")
+    seen: list[str] = []
+    real = engine.tune_block
+
+    def spy(*args, **kwargs):
+        seen.append(loaded.model.config._attn_implementation)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "tune_block", spy)
+    plan = plan_uniform(loaded, get_scheme("W4A16G32"))
+    config = TuneConfig(iters=3, batch_size=4, nsamples=8, seqlen=32, dtype="bfloat16")
+    tune_model(loaded, plan, tmp_path / "ckpt", config, _calibration())
+    assert seen and set(seen) == {"eager"}
+    assert loaded.model.config._attn_implementation == "sdpa"
+    seen.clear()
+    tune_model(loaded, plan, tmp_path / "ckpt32", TuneConfig(iters=3, batch_size=4, nsamples=8, seqlen=32, dtype="float32"),
+               _calibration())
+    assert set(seen) == {"sdpa"}

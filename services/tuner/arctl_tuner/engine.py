@@ -28,7 +28,7 @@ from arctl.models import LoadedModel, decoder_blocks
 from arctl.plan import LayerPlan, Plan
 from arctl.progress import Progress, ProgressCallback, ignore_progress
 from arctl.quant import QuantizedTensor, dequantize
-from arctl_tuner.blocks import capture_block_inputs, run_block
+from arctl_tuner.blocks import capture_block_inputs, run_block, tuning_attention
 from arctl_tuner.config import TuneConfig, TuneConfigError
 from arctl_tuner.resume import BlockStore, fingerprint
 from arctl_tuner.rtn import PlanMismatchError, check_plan_fits, quantize_rtn, write_quantized_checkpoint
@@ -99,7 +99,7 @@ def tune_model(
         fingerprint(loaded.sha256, plan, settings, calibration.input_ids),
         resume,
     )
-    with frozen_weights(model):
+    with frozen_weights(model), tuning_attention(model, dtype):
         block_stats = _tune_blocks(model, plan, config, calibration, progress, store, blocks, dtype)
     quantized = store.load_all(len(blocks), plan)
     metadata = {

@@ -23,7 +23,7 @@ def signed_step(params: Iterable[torch.Tensor], lr: float) -> None:
     for param in params:
         if param.grad is None:
             continue
-        param.sub_(lr * torch.sign(param.grad))
+        param.add_(param.grad.sign_(), alpha=-lr)
         param.grad = None
 
 

@@ -4,7 +4,8 @@ For a weight ``[out, in]`` with ``groups`` scale groups per row:
 - ``offset`` ``[out, in]`` (init 0): added to ``w / scale`` before rounding;
 - ``max_factor`` / ``min_factor`` ``[out, groups]`` (init 1, kept in [0, 1]): shrink the group's
   range before the scale is computed (``min_factor`` only for int schemes).
-The forward pass uses the fake-quantized weight (straight-through rounding).
+The forward pass uses the fake-quantized weight (straight-through rounding), computed by the fused
+kernels of ``arctl.quant.fused``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from arctl.quant import QuantizedTensor, fake_quantize, quantize
+from arctl.quant import QuantizedTensor, quantize
+from arctl.quant.fused import fused_fake_quantize
 from arctl.schemes import PER_CHANNEL, Scheme
 
 
@@ -38,12 +40,14 @@ class TunableLinear(nn.Module):
     def clipping_params(self) -> list[nn.Parameter]:
         return [p for p in (self.min_factor, self.max_factor) if p is not None]
 
-    def qdq_weight(self) -> torch.Tensor:
-        return fake_quantize(self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor)
+    def qdq_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return fused_fake_quantize(self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.qdq_weight()
-        return functional.linear(x, weight.to(x.dtype), None if self.linear.bias is None else self.linear.bias.to(x.dtype))
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        bias = None if self.linear.bias is None else self.linear.bias.to(dtype)
+        return functional.linear(x.to(dtype), self.qdq_weight(dtype), bias)
 
     def snapshot(self) -> list[torch.Tensor]:
         """A copy of the learned parameters (to restore the best iteration)."""
@@ -68,7 +72,7 @@ class TunableLinear(nn.Module):
         for value in candidates.tolist():
             factor = torch.full((out_features, groups), value)
             min_factor = factor if self.min_factor is not None else None
-            error = (fake_quantize(weight, self.scheme, None, min_factor, factor) - weight).pow(2) * input_sq
+            error = (fused_fake_quantize(weight, self.scheme, None, min_factor, factor) - weight).pow(2) * input_sq
             per_group = error.reshape(out_features, groups, -1).sum(-1)
             better = per_group < best_error
             best_error = torch.where(better, per_group, best_error)
