@@ -69,22 +69,22 @@ class _Kernel:
 
 
 def _int_forward(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, offset: torch.Tensor | None,
-                 maxq: int, dtype: torch.dtype) -> torch.Tensor:
+                 maxq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     scaled = grouped / scale
     if offset is not None:
         scaled = scaled + offset
-    return (((torch.round(scaled) + zero).clamp(0, maxq) - zero) * scale).to(dtype)
+    return (((torch.round(scaled) + zero).clamp(min=0).minimum(maxq) - zero) * scale).to(dtype)
 
 
 def _int_backward(grad: torch.Tensor, grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  offset: torch.Tensor | None, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  offset: torch.Tensor | None, maxq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad of the offset: grad * inside * s, grad of the scale [out, groups, 1])``."""
     grad = grad.float()
     scaled = grouped / scale
     shifted = scaled + offset if offset is not None else scaled
     code = torch.round(shifted) + zero
     passed = torch.where((code >= 0) & (code <= maxq), grad, 0.0)
-    grad_scale = (grad * (code.clamp(0, maxq) - zero) - passed * scaled).sum(-1, keepdim=True)
+    grad_scale = (grad * (code.clamp(min=0).minimum(maxq) - zero) - passed * scaled).sum(-1, keepdim=True)
     return passed * scale, grad_scale
 
 
@@ -95,15 +95,14 @@ _INT_BACKWARD = _Kernel(_int_backward)
 class _IntQdq(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                offset: torch.Tensor | None, maxq: int, dtype: torch.dtype) -> torch.Tensor:
-        ctx.save_for_backward(grouped, scale, zero, offset)
-        ctx.maxq = maxq
+                offset: torch.Tensor | None, maxq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(grouped, scale, zero, offset, maxq)
         return _INT_FORWARD(grouped, scale, zero, offset, maxq, dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grouped, scale, zero, offset = ctx.saved_tensors
-        grad_offset, grad_scale = _INT_BACKWARD(grad.contiguous(), grouped, scale, zero, offset, ctx.maxq)
+        grouped, scale, zero, offset, maxq = ctx.saved_tensors
+        grad_offset, grad_scale = _INT_BACKWARD(grad.contiguous(), grouped, scale, zero, offset, maxq)
         need_grouped, need_scale, _, need_offset, _, _ = ctx.needs_input_grad
         return (
             grad_offset / scale if need_grouped else None,  # d q / d w = inside (the weight is usually frozen)
@@ -120,7 +119,8 @@ def _fused_int(weight: torch.Tensor, scheme: Scheme, offset: torch.Tensor | None
     grouped = to_groups(weight.float(), scheme)
     scale, zero = int_scale_zero(grouped, scheme, min_factor, max_factor)
     shaped_offset = None if offset is None else offset.reshape(grouped.shape)
-    return from_groups(_IntQdq.apply(grouped, scale, zero.detach(), shaped_offset, 2**scheme.bits - 1, dtype))
+    maxq = torch.tensor(float(2**scheme.bits - 1), device=weight.device)  # a tensor: one kernel for every bit width
+    return from_groups(_IntQdq.apply(grouped, scale, zero.detach(), shaped_offset, maxq, dtype))
 
 
 # --- MXFP4 ----------------------------------------------------------------------------------------
