@@ -57,7 +57,7 @@ def test_default_lr_follows_autoround() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"iters": -1}, "iters"), ({"batch_size": 0}, "batch_size"), ({"batch_size": 16, "nsamples": 8}, "larger"),
-     ({"lr": 0.0}, "lr"), ({"dtype": "float16"}, "dtype")],
+     ({"lr": 0.0}, "lr"), ({"dtype": "float16"}, "dtype"), ({"holdout": 1.0}, "holdout")],
 )
 def test_bad_settings_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(TuneConfigError, match=message):
@@ -103,11 +103,48 @@ def test_tuning_lowers_the_block_loss_below_round_to_nearest() -> None:
     assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())  # the float block is untouched
 
 
+def _first_block_problem(scheme: str):
+    loaded = _loaded()
+    plan = plan_uniform(loaded, get_scheme(scheme))
+    name, block = decoder_blocks(loaded.model)[0]
+    inputs = capture_block_inputs(loaded.model, block, _calibration().input_ids)
+    targets = run_block(block, inputs.hidden, inputs.kwargs, 4, torch.float32)
+    layers = [layer for layer in plan.layers if layer.name.startswith(f"{name}.")]
+    return block, name, layers, inputs, targets
+
+
+def test_holdout_counts_are_rounded_at_least_one_and_leave_a_batch() -> None:
+    assert TuneConfig(nsamples=32, holdout=0.125).holdout_count(32) == 4
+    assert TuneConfig(nsamples=8, batch_size=4, holdout=0.01).holdout_count(8) == 1
+    assert TuneConfig(nsamples=8, batch_size=8).holdout_count(8) == 0
+    assert TuneConfig(holdout=0.0).holdout_count(128) == 0
+
+
+def test_holdout_keeps_the_initial_parameters_when_training_only_hurts_them() -> None:
+    block, name, layers, inputs, targets = _first_block_problem("W4A16G32")
+    # a step size of 3 moves every rounding offset by 3 levels: each step makes the block worse
+    config = TuneConfig(iters=4, batch_size=4, nsamples=8, seqlen=32, dtype="float32", holdout=0.25, holdout_min_bits=0,
+                        lr=3.0)
+    quantized, stats = tune_block(block, name, layers, inputs.hidden, targets, inputs.kwargs, config, seed=0)
+    assert stats.best_iter == 0 and stats.loss_after == stats.loss_before
+    untrained = TuneConfig(iters=0, batch_size=4, nsamples=8, seqlen=32, dtype="float32", holdout=0.25, holdout_min_bits=0)
+    reference, _ = tune_block(block, name, layers, inputs.hidden, targets, inputs.kwargs, untrained, seed=0)
+    assert all(torch.equal(quantized[key].codes, reference[key].codes) for key in reference)
+
+
+def test_holdout_picks_a_later_iteration_when_training_helps() -> None:
+    block, name, layers, inputs, targets = _first_block_problem("W2A16G32")
+    config = TuneConfig(iters=40, batch_size=4, nsamples=8, seqlen=32, dtype="float32", holdout=0.25, holdout_min_bits=2)
+    _, stats = tune_block(block, name, layers, inputs.hidden, targets, inputs.kwargs, config, seed=0)
+    assert stats.best_iter > 0 and stats.loss_after < stats.loss_before
+
+
 @pytest.mark.parametrize("scheme", ["W4A16G32", "W3A16G32_ASYM", "MXFP4", "NVFP4", "FP8"])
 def test_every_scheme_tunes_and_beats_rtn_on_the_block_loss(scheme: str, tmp_path: Path) -> None:
     loaded = _loaded()
     plan = plan_uniform(loaded, get_scheme(scheme))
-    config = TuneConfig(iters=30, batch_size=4, nsamples=8, seqlen=32, dtype="float32")
+    # AutoRound's best-iteration rule in every block (held-out selection is tested on its own)
+    config = TuneConfig(iters=30, batch_size=4, nsamples=8, seqlen=32, dtype="float32", holdout=0.0)
     path = tune_model(loaded, plan, tmp_path / "ckpt", config, _calibration())
     blocks = read_checkpoint(path).metadata["blocks"]
     assert all(b["loss_after"] <= b["loss_before"] for b in blocks)
@@ -213,3 +250,14 @@ def test_bfloat16_tuning_on_cpu_runs_eager_attention_and_gives_the_model_its_own
     tune_model(loaded, plan, tmp_path / "ckpt32", TuneConfig(iters=3, batch_size=4, nsamples=8, seqlen=32, dtype="float32"),
                _calibration())
     assert set(seen) == {"sdpa"}
+
+
+@pytest.mark.parametrize("scheme, held_out", [("W4A16G32", False), ("W8A16G32", True)])
+def test_holdout_applies_only_to_blocks_of_at_least_min_bits(scheme: str, held_out: bool) -> None:
+    block, name, layers, inputs, targets = _first_block_problem(scheme)
+    settings = {"iters": 6, "batch_size": 4, "nsamples": 8, "seqlen": 32, "dtype": "float32"}
+    _, default = tune_block(block, name, layers, inputs.hidden, targets, inputs.kwargs, TuneConfig(**settings), seed=0)
+    _, batch_rule = tune_block(block, name, layers, inputs.hidden, targets, inputs.kwargs,
+                               TuneConfig(**settings, holdout=0.0), seed=0)
+    summary = lambda stats: (stats.loss_before, stats.loss_after, stats.best_iter)
+    assert (summary(default) != summary(batch_rule)) is held_out

@@ -5,7 +5,10 @@ output (computed from the float stream).
 Per iteration: draw a batch from a shuffled cycle, forward the block with fake-quantized weights,
 MSE to the float target, backward, one signed step per parameter with a linearly decaying step
 size. The loss of iteration ``t`` belongs to the parameters before step ``t``; the parameters of
-the lowest loss are kept (AutoRound's "best iteration").
+the lowest loss are kept (AutoRound's "best iteration"). In blocks whose quantized layers all have
+at least ``config.holdout_min_bits`` bits, the last ``config.holdout`` of the samples are held out of
+training instead, and the kept parameters are those with the lowest MSE on them, measured before the
+first step, every ``iters // HOLDOUT_CHECKS`` steps and after the last one.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from arctl_tuner.tunable import TunableLinear, swapped
 
 @dataclass(frozen=True)
 class BlockStats:
-    """What tuning did to one block: MSE of round-to-nearest (iteration 0) and of the kept
-    parameters, the iteration they come from, and the wall time."""
+    """What tuning did to one block: MSE of the initial parameters (iteration 0) and of the kept
+    ones (on the held-out samples when there are any, else on the training batch of that
+    iteration), the iteration they come from (``iters``: after the last step), and the wall time."""
 
     loss_before: float
     loss_after: float
@@ -37,6 +41,7 @@ class BlockStats:
     seconds: float
 
 
+HOLDOUT_CHECKS = 10
 CLIP_SEARCH_LOW = 0.6
 CLIP_SEARCH_STEPS = 17
 
@@ -99,22 +104,36 @@ def tune_block(
         candidates = torch.linspace(CLIP_SEARCH_LOW, 1.0, CLIP_SEARCH_STEPS)
         for name, tunable in tunables.items():
             tunable.search_clipping(input_sq[name], candidates)
-    sampler = CyclicSampler(q_inputs.shape[0], config.batch_size, seed)
+    lowest_bits = min((t.scheme.bits for t in tunables.values()), default=0)
+    held = config.holdout_count(q_inputs.shape[0]) if lowest_bits >= config.holdout_min_bits else 0
+    train = q_inputs.shape[0] - held
+    sampler = CyclicSampler(train, config.batch_size, seed)
+    checks = set(range(0, config.iters + 1, max(1, config.iters // HOLDOUT_CHECKS))) | {config.iters}
     best_loss, best_iter, loss_before = float("inf"), 0, float("nan")
     best = {name: t.snapshot() for name, t in tunables.items()}
+
+    def consider(value: float, step: int) -> None:
+        nonlocal best_loss, best_iter, best, loss_before
+        if step == 0:
+            loss_before = value
+        if value < best_loss:
+            best_loss, best_iter = value, step
+            best = {name: t.snapshot() for name, t in tunables.items()}
+
     with swapped(block, tunables):
-        for step in range(config.iters):
+        for step in range(config.iters + 1):
+            if held and step in checks:
+                held_out = run_block(block, q_inputs[train:], kwargs, config.batch_size, dtype)
+                consider(float(_mse(held_out, targets[train:])), step)
+            if step == config.iters:
+                break
             batch = sampler.next()
             with _autocast(dtype):
                 output = block_output(block, q_inputs[batch], kwargs)
             loss = _mse(output, targets[batch])
             loss.backward()
-            value = float(loss.detach())
-            if step == 0:
-                loss_before = value
-            if value < best_loss:
-                best_loss, best_iter = value, step
-                best = {name: t.snapshot() for name, t in tunables.items()}
+            if not held:
+                consider(float(loss.detach()), step)
             for tunable in tunables.values():
                 bits = tunable.scheme.bits
                 signed_step(tunable.rounding_params(), linear_decay(config.lr_for_bits(bits), step, config.iters))
