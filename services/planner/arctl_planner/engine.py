@@ -57,7 +57,7 @@ def default_schemes() -> list[Scheme]:
 class PlanRequest:
     """What to plan: one or several target true average bits (a Pareto front from one measurement),
     candidate schemes (None: ``default_schemes``), target runtime, fixed layers, and the
-    sensitivity measure (``fisher``: predicted KL from calibration data; ``weight``: squared weight
+    sensitivity measure (``fisher``: predicted KL and LM-loss increase from calibration data; ``weight``: squared weight
     error, no data). With calibration data, each plan's real KL (round to nearest) is measured on
     ``measure_rows`` calibration rows and stored beside the predicted one, after up to
     ``refine_evaluations`` budget-neutral swaps were measured and the ones that lowered it kept."""
@@ -86,7 +86,8 @@ def squared_weight_error(model: nn.Module) -> ErrorFn:
 def fisher_error(
     model: nn.Module, layers: Sequence[LayerInfo], input_ids: torch.Tensor, progress: ProgressCallback
 ) -> ErrorFn:
-    """``error(layer, scheme)``: predicted KL increase (nats/token) from one Fisher pass."""
+    """``error(layer, scheme)``: predicted loss increase (nats/token; KL to the float model and LM loss
+    on the calibration text, averaged) from one Fisher pass."""
     stats = collect_statistics(
         model, layers, input_ids, progress=lambda done, total: progress(Progress("sensitivity", done, total))
     )

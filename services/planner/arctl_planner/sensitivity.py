@@ -1,4 +1,4 @@
-"""Output-space Fisher sensitivity: the predicted KL increase of quantizing one layer with one scheme.
+"""Output-space Fisher sensitivity: the predicted loss increase of quantizing one layer with one scheme.
 
 For a linear layer ``y = W x`` whose weight changes by ``dW = Q(W) - W``, the second-order expansion
 of the KL divergence to the float model around the float point is ``1/2 E_t[dy_t^T F_t dy_t]`` with
@@ -7,14 +7,21 @@ layer's output space and tokens' gradient and input treated as independent:
 
     predicted_kl(layer, scheme) = 1/2 * sum_j gbar_j * dW_j^T H dW_j
 
-- ``gbar_j = E_t[G_tj^2]``: mean squared gradient of the loss with labels *sampled from the float
-  model itself* (so that its expectation is the Fisher, not the empirical gradient), per output j;
+- ``gbar_j``: mean squared gradient per output j, averaged over two backward passes of each
+  calibration row: one with labels *sampled from the float model itself* (its expectation is the
+  Fisher: the KL to the float model's outputs) and one with the row's real next tokens (the
+  empirical Fisher: the language-modelling loss on real text);
 - ``H = E_t[x_t x_t^T]``: the layer's input second moment;
-- both from ONE forward+backward pass over the calibration tokens; each (layer, scheme) then costs
-  a quantization and an ``[out, in] x [in, in]`` product, no model pass.
+- both from ONE forward and two backward passes over the calibration tokens; each (layer, scheme)
+  then costs a quantization and an ``[out, in] x [in, in]`` product, no model pass.
+
+Why both label kinds: measured on SmolLM2 (plans at 3 / 3.5 / 4.5 / 6 true bits, round to nearest,
+WikiText-2 test 4 x 2048 tokens, ppl / KL), sampled labels alone gave 334.6 / 2.60, 51.21 / 0.779,
+29.06 / 0.191, 24.65 / 0.0278; real labels alone 374.0 / 2.72, 51.85 / 0.780, 28.25 / 0.174,
+24.65 / 0.0279; the average 369.5 / 2.70, 51.14 / 0.778, 28.33 / 0.171, 24.70 / 0.0281.
 
 Unlike AutoScheme's DeltaLoss (|gradient * error| at the point where every layer uses scheme j,
-gradient of the LM loss), this is the second-order KL term measured at the float point.
+gradient of the LM loss), this is the second-order term measured at the float point.
 """
 
 from __future__ import annotations
@@ -47,8 +54,9 @@ def collect_statistics(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, LayerStatistics]:
-    """One forward+backward per calibration row of ``input_ids`` ``[n, seqlen]`` with labels sampled
-    from the model's own next-token distribution; returns ``H`` and ``gbar`` per layer."""
+    """One forward and two backward passes per calibration row of ``input_ids`` ``[n, seqlen]``
+    (labels sampled from the model's own next-token distribution, then the row's next tokens);
+    returns ``H`` and ``gbar`` per layer."""
     generator = torch.Generator().manual_seed(seed)
     moments: dict[str, torch.Tensor] = {}
     grad_sq: dict[str, torch.Tensor] = {}
@@ -82,7 +90,8 @@ def collect_statistics(
             logits = model(inputs_embeds=embeddings, use_cache=False).logits[0, :-1].float()
             with torch.no_grad():
                 sampled = torch.multinomial(functional.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
-            functional.cross_entropy(logits, sampled, reduction="sum").backward()
+            functional.cross_entropy(logits, sampled, reduction="sum").backward(retain_graph=True)
+            functional.cross_entropy(logits, row[1:].to(logits.device), reduction="sum").backward()
             tokens += ids.shape[1]
             if progress is not None:
                 progress(index + 1, input_ids.shape[0])
@@ -92,7 +101,7 @@ def collect_statistics(
         for p, flag in zip(parameters, flags, strict=True):
             p.requires_grad_(flag)
     return {
-        layer.name: LayerStatistics(moments[layer.name] / tokens, grad_sq[layer.name] / tokens, tokens)
+        layer.name: LayerStatistics(moments[layer.name] / tokens, grad_sq[layer.name] / (2 * tokens), tokens)
         for layer in layers
     }
 
