@@ -65,15 +65,18 @@ class _Kernel:
             return self._fn(*args)
 
 
+def _shifted(scaled: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """``scaled + offset``: the value SignRound rounds (the offset is None for round-to-nearest)."""
+    return scaled if offset is None else scaled + offset
+
+
 # --- int ------------------------------------------------------------------------------------------
 
 
 def _int_forward(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, offset: torch.Tensor | None,
                  maxq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    scaled = grouped / scale
-    if offset is not None:
-        scaled = scaled + offset
-    return (((torch.round(scaled) + zero).clamp(min=0).minimum(maxq) - zero) * scale).to(dtype)
+    shifted = _shifted(grouped / scale, offset)
+    return (((torch.round(shifted) + zero).clamp(min=0).minimum(maxq) - zero) * scale).to(dtype)
 
 
 def _int_backward(grad: torch.Tensor, grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -81,8 +84,7 @@ def _int_backward(grad: torch.Tensor, grouped: torch.Tensor, scale: torch.Tensor
     """``(grad of the offset: grad * inside * s, grad of the scale [out, groups, 1])``."""
     grad = grad.float()
     scaled = grouped / scale
-    shifted = scaled + offset if offset is not None else scaled
-    code = torch.round(shifted) + zero
+    code = torch.round(_shifted(scaled, offset)) + zero
     passed = torch.where((code >= 0) & (code <= maxq), grad, 0.0)
     grad_scale = (grad * (code.clamp(min=0).minimum(maxq) - zero) - passed * scaled).sum(-1, keepdim=True)
     return passed * scale, grad_scale
@@ -128,10 +130,7 @@ def _fused_int(weight: torch.Tensor, scheme: Scheme, offset: torch.Tensor | None
 
 def _mx4_forward(grouped: torch.Tensor, exponent: torch.Tensor, offset: torch.Tensor | None,
                  dtype: torch.dtype) -> torch.Tensor:
-    scaled = grouped * torch.exp2(-exponent)
-    if offset is not None:
-        scaled = scaled + offset
-    clamped = scaled.clamp(-FP4_MAX, FP4_MAX)
+    clamped = _shifted(grouped * torch.exp2(-exponent), offset).clamp(-FP4_MAX, FP4_MAX)
     return (torch.copysign(round_fp4_magnitude(clamped.abs()), clamped) * torch.exp2(exponent)).to(dtype)
 
 
@@ -139,10 +138,8 @@ def _mx4_backward(grad: torch.Tensor, grouped: torch.Tensor, exponent: torch.Ten
                   offset: torch.Tensor | None) -> torch.Tensor:
     """``grad * inside * 2^e``: the gradient of the offset."""
     grad = grad.float()
-    scaled = grouped * torch.exp2(-exponent)
-    if offset is not None:
-        scaled = scaled + offset
-    inside = (scaled >= -FP4_MAX) & (scaled <= FP4_MAX)
+    shifted = _shifted(grouped * torch.exp2(-exponent), offset)
+    inside = (shifted >= -FP4_MAX) & (shifted <= FP4_MAX)
     return torch.where(inside, grad, 0.0) * torch.exp2(exponent)
 
 
