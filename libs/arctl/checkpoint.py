@@ -6,7 +6,8 @@ Layout::
     plan.json              the Plan
     metadata.json          how it was made (method, data, iters, losses, source model)
     quantized.safetensors  per quantized layer: "<layer>.codes" uint8 [out, in] (unpacked),
-                           "<layer>.scales", "<layer>.zeros" (int asym), "<layer>.global_scale" (nvfp)
+                           "<layer>.scales", "<layer>.zeros" (int asym), "<layer>.global_scale" (nvfp),
+                           "<layer>.input_scale" (static activation quantization)
     tensors.safetensors    every other tensor in its dtype (norms, embeddings, biases, BF16 layers);
                            a tensor tied to another (lm_head/embeddings) is stored once
     config.json, tokenizer files, generation_config.json   as the source model had them
@@ -37,7 +38,7 @@ CHECKPOINT_VERSION = 1
 MANIFEST = "manifest.json"
 QUANTIZED_FILE = "quantized.safetensors"
 TENSORS_FILE = "tensors.safetensors"
-_PARTS = ("codes", "scales", "zeros", "global_scale")
+_PARTS = ("codes", "scales", "zeros", "global_scale", "input_scale")
 
 
 class CheckpointError(ValueError):
@@ -63,6 +64,7 @@ def unflatten_quantized(tensors: Mapping[str, torch.Tensor], schemes: Mapping[st
             scales=tensors[f"{name}.scales"],
             zeros=tensors.get(f"{name}.zeros"),
             global_scale=tensors.get(f"{name}.global_scale"),
+            input_scale=tensors.get(f"{name}.input_scale"),
         )
         for name, scheme in schemes.items()
     }
@@ -169,6 +171,9 @@ def write_checkpoint(
     if set(quantized) != planned:
         missing, extra = planned - set(quantized), set(quantized) - planned
         raise ValueError(f"quantized layers differ from the plan: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
+    uncalibrated = [name for name, qt in quantized.items() if qt.scheme.act and qt.scheme.act.static and qt.input_scale is None]
+    if uncalibrated:
+        raise ValueError(f"layers with static activation quantization lack their calibrated input scale: {uncalibrated[:3]}")
     tensors, aliases = unique_tensors(float_tensors)
     with atomic_directory(Path(out_dir)) as tmp:
         save_file(flatten_quantized(quantized), str(tmp / QUANTIZED_FILE), metadata={"format": CHECKPOINT_FORMAT})

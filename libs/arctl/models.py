@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from arctl.activation_hooks import activation_specs, install_input_quantizers
 from arctl.checkpoint import QuantizedCheckpoint, sha256_file
 from arctl.quant import dequantize
 
@@ -216,7 +217,8 @@ def set_layer_weight(model: nn.Module, name: str, weight: torch.Tensor) -> None:
 
 def apply_checkpoint_weights(model: nn.Module, checkpoint: QuantizedCheckpoint) -> nn.Module:
     """Load a checkpoint's tensors into ``model``: quantized layers get their dequantized weights
-    (fake quantization), every other tensor its stored value. Returns the model."""
+    (fake quantization) and, where their scheme says so, quantized inputs; every other tensor its
+    stored value. Returns the model."""
     state = checkpoint.float_tensors()
     for alias, target in checkpoint.aliases.items():
         state.setdefault(alias, state[target])
@@ -227,6 +229,7 @@ def apply_checkpoint_weights(model: nn.Module, checkpoint: QuantizedCheckpoint) 
         raise ValueError(f"checkpoint does not fit the model: missing {still_missing[:5]}, unexpected {unexpected[:5]}")
     for name, qt in quantized.items():
         set_layer_weight(model, name, dequantize(qt))
+    install_input_quantizers(model, activation_specs(quantized))
     return model
 
 

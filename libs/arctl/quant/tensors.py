@@ -23,6 +23,8 @@ class QuantizedTensor:
         zeros: ``int`` asym only, uint8 ``[out, groups]``; symmetric codes have the implicit zero
             ``2**(bits-1)``.
         global_scale: ``nvfp`` only, float32 ``[1]``; dequantized value = code * scale / global_scale.
+        input_scale: schemes with static activation quantization only, float32 ``[1]`` calibrated on
+            data: FP8's per-tensor scale (``amax / 448``), NVFP4's global scale (``448 * 6 / amax``).
     """
 
     scheme: Scheme
@@ -30,6 +32,7 @@ class QuantizedTensor:
     scales: torch.Tensor
     zeros: torch.Tensor | None = None
     global_scale: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
