@@ -39,7 +39,8 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class TuneSettings:
-    """How to quantize: ``config.iters == 0`` is round-to-nearest (no calibration data read)."""
+    """How to quantize: ``config.iters == 0`` is round-to-nearest (no calibration data read unless
+    the plan has activation scales to calibrate)."""
 
     config: TuneConfig = field(default_factory=lambda: TuneConfig(iters=0))
     dataset: str = "wikitext2"
@@ -54,7 +55,7 @@ def tune_from_settings(
     """Read the calibration samples the settings name (if tuning) and run the tuner engine."""
     config = settings.config
     calibration = None
-    if config.iters > 0:
+    if config.iters > 0 or plan.needs_calibrated_activations:
         calibration = calibration_samples(
             loaded.tokenizer, settings.dataset, config.nsamples, config.seqlen, config.seed, data_dir=settings.data_dir
         )

@@ -73,6 +73,12 @@ class Plan:
                 return layer.scheme
         raise KeyError(name)
 
+    @property
+    def needs_calibrated_activations(self) -> bool:
+        """Whether some layer's activation scale is calibrated on data (FP8_STATIC, NVFP4_A4): then
+        even round-to-nearest reads calibration samples."""
+        return any(layer.scheme.act is not None and layer.scheme.act.static for layer in self.layers)
+
     def scheme_counts(self) -> dict[str, int]:
         """How many layers use each scheme, by preset name."""
         return dict(Counter(layer.scheme.name for layer in self.layers))

@@ -178,7 +178,7 @@ def test_mx_does_not_fit_odd_widths() -> None:
 def test_dict_round_trip(name: str) -> None:
     scheme = PRESETS[name]
     data = scheme.to_dict()
-    assert set(data) == {"dtype", "bits", "group_size", "sym"}
+    assert set(data) == {"dtype", "bits", "group_size", "sym"} | ({"act"} if scheme.act is not None else set())
     assert Scheme.from_dict(data) == scheme
 
 

@@ -107,6 +107,11 @@ def plan_to_proto(plan: Plan) -> common_pb2.Plan:
                 sym=layer.scheme.sym,
             ),
         )
+        act = layer.scheme.act
+        if act is not None:
+            entry.scheme.act.CopyFrom(
+                common_pb2.ActQuant(dtype=act.dtype, bits=act.bits, group_size=act.group_size, dynamic=act.dynamic)
+            )
         if layer.fused_group is not None:
             entry.fused_group = layer.fused_group
     return message

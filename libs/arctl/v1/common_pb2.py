@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61rctl/v1/common.proto\x12\x08\x61rctl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"F\n\x06Scheme\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\x05\x12\x12\n\ngroup_size\x18\x03 \x01(\x05\x12\x0b\n\x03sym\x18\x04 \x01(\x08\"\x90\x01\n\tLayerPlan\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cout_features\x18\x02 \x01(\x03\x12\x13\n\x0bin_features\x18\x03 \x01(\x03\x12 \n\x06scheme\x18\x04 \x01(\x0b\x32\x10.arctl.v1.Scheme\x12\x18\n\x0b\x66used_group\x18\x05 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_fused_group\"\xc7\x01\n\x04Plan\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\x1c\n\x0ftarget_avg_bits\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x61vg_bits\x18\x04 \x01(\x01\x12\x1b\n\x13\x61vg_bits_codes_only\x18\x05 \x01(\x01\x12#\n\x06layers\x18\x06 \x03(\x0b\x32\x13.arctl.v1.LayerPlan\x12\x11\n\tplan_json\x18\x07 \x01(\tB\x12\n\x10_target_avg_bits\"P\n\x0b\x41rtifactRef\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.arctl.v1.ArtifactKind\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xac\x02\n\rProgressEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\tcompleted\x18\x05 \x01(\x04\x12\r\n\x05total\x18\x06 \x01(\x04\x12-\n\ttimestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x07metrics\x18\x08 \x03(\x0b\x32$.arctl.v1.ProgressEvent.MetricsEntry\x12!\n\x05state\x18\t \x01(\x0e\x32\x12.arctl.v1.JobState\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xec\x01\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.arctl.v1.JobState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x07results\x18\x06 \x03(\x0b\x32\x15.arctl.v1.ArtifactRef\x12\x15\n\rlast_sequence\x18\x07 \x01(\x04\"5\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x04\"\x1c\n\nGetRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*\xd3\x01\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41RTIFACT_KIND_PLAN\x10\x01\x12\x1c\n\x18\x41RTIFACT_KIND_CHECKPOINT\x10\x02\x12 \n\x1c\x41RTIFACT_KIND_EXPORTED_MODEL\x10\x03\x12\x19\n\x15\x41RTIFACT_KIND_DATASET\x10\x04\x12\x17\n\x13\x41RTIFACT_KIND_MODEL\x10\x05\x12\x18\n\x14\x41RTIFACT_KIND_REPORT\x10\x06*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61rctl/v1/common.proto\x12\x08\x61rctl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"t\n\x06Scheme\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\x05\x12\x12\n\ngroup_size\x18\x03 \x01(\x05\x12\x0b\n\x03sym\x18\x04 \x01(\x08\x12$\n\x03\x61\x63t\x18\x05 \x01(\x0b\x32\x12.arctl.v1.ActQuantH\x00\x88\x01\x01\x42\x06\n\x04_act\"L\n\x08\x41\x63tQuant\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\x05\x12\x12\n\ngroup_size\x18\x03 \x01(\x05\x12\x0f\n\x07\x64ynamic\x18\x04 \x01(\x08\"\x90\x01\n\tLayerPlan\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cout_features\x18\x02 \x01(\x03\x12\x13\n\x0bin_features\x18\x03 \x01(\x03\x12 \n\x06scheme\x18\x04 \x01(\x0b\x32\x10.arctl.v1.Scheme\x12\x18\n\x0b\x66used_group\x18\x05 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_fused_group\"\xc7\x01\n\x04Plan\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\x1c\n\x0ftarget_avg_bits\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x61vg_bits\x18\x04 \x01(\x01\x12\x1b\n\x13\x61vg_bits_codes_only\x18\x05 \x01(\x01\x12#\n\x06layers\x18\x06 \x03(\x0b\x32\x13.arctl.v1.LayerPlan\x12\x11\n\tplan_json\x18\x07 \x01(\tB\x12\n\x10_target_avg_bits\"P\n\x0b\x41rtifactRef\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.arctl.v1.ArtifactKind\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xac\x02\n\rProgressEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\tcompleted\x18\x05 \x01(\x04\x12\r\n\x05total\x18\x06 \x01(\x04\x12-\n\ttimestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x07metrics\x18\x08 \x03(\x0b\x32$.arctl.v1.ProgressEvent.MetricsEntry\x12!\n\x05state\x18\t \x01(\x0e\x32\x12.arctl.v1.JobState\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xec\x01\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.arctl.v1.JobState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x07results\x18\x06 \x03(\x0b\x32\x15.arctl.v1.ArtifactRef\x12\x15\n\rlast_sequence\x18\x07 \x01(\x04\"5\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x04\"\x1c\n\nGetRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*\xd3\x01\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41RTIFACT_KIND_PLAN\x10\x01\x12\x1c\n\x18\x41RTIFACT_KIND_CHECKPOINT\x10\x02\x12 \n\x1c\x41RTIFACT_KIND_EXPORTED_MODEL\x10\x03\x12\x19\n\x15\x41RTIFACT_KIND_DATASET\x10\x04\x12\x17\n\x13\x41RTIFACT_KIND_MODEL\x10\x05\x12\x18\n\x14\x41RTIFACT_KIND_REPORT\x10\x06*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROGRESSEVENT_METRICSENTRY']._loaded_options = None
   _globals['_PROGRESSEVENT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ARTIFACTKIND']._serialized_start=1274
-  _globals['_ARTIFACTKIND']._serialized_end=1485
-  _globals['_JOBSTATE']._serialized_start=1488
-  _globals['_JOBSTATE']._serialized_end=1642
+  _globals['_ARTIFACTKIND']._serialized_start=1398
+  _globals['_ARTIFACTKIND']._serialized_end=1609
+  _globals['_JOBSTATE']._serialized_start=1612
+  _globals['_JOBSTATE']._serialized_end=1766
   _globals['_SCHEME']._serialized_start=68
-  _globals['_SCHEME']._serialized_end=138
-  _globals['_LAYERPLAN']._serialized_start=141
-  _globals['_LAYERPLAN']._serialized_end=285
-  _globals['_PLAN']._serialized_start=288
-  _globals['_PLAN']._serialized_end=487
-  _globals['_ARTIFACTREF']._serialized_start=489
-  _globals['_ARTIFACTREF']._serialized_end=569
-  _globals['_JOBREF']._serialized_start=571
-  _globals['_JOBREF']._serialized_end=595
-  _globals['_PROGRESSEVENT']._serialized_start=598
-  _globals['_PROGRESSEVENT']._serialized_end=898
-  _globals['_PROGRESSEVENT_METRICSENTRY']._serialized_start=852
-  _globals['_PROGRESSEVENT_METRICSENTRY']._serialized_end=898
-  _globals['_JOBSTATUS']._serialized_start=901
-  _globals['_JOBSTATUS']._serialized_end=1137
-  _globals['_WATCHREQUEST']._serialized_start=1139
-  _globals['_WATCHREQUEST']._serialized_end=1192
-  _globals['_GETREQUEST']._serialized_start=1194
-  _globals['_GETREQUEST']._serialized_end=1222
-  _globals['_CANCELREQUEST']._serialized_start=1224
-  _globals['_CANCELREQUEST']._serialized_end=1271
+  _globals['_SCHEME']._serialized_end=184
+  _globals['_ACTQUANT']._serialized_start=186
+  _globals['_ACTQUANT']._serialized_end=262
+  _globals['_LAYERPLAN']._serialized_start=265
+  _globals['_LAYERPLAN']._serialized_end=409
+  _globals['_PLAN']._serialized_start=412
+  _globals['_PLAN']._serialized_end=611
+  _globals['_ARTIFACTREF']._serialized_start=613
+  _globals['_ARTIFACTREF']._serialized_end=693
+  _globals['_JOBREF']._serialized_start=695
+  _globals['_JOBREF']._serialized_end=719
+  _globals['_PROGRESSEVENT']._serialized_start=722
+  _globals['_PROGRESSEVENT']._serialized_end=1022
+  _globals['_PROGRESSEVENT_METRICSENTRY']._serialized_start=976
+  _globals['_PROGRESSEVENT_METRICSENTRY']._serialized_end=1022
+  _globals['_JOBSTATUS']._serialized_start=1025
+  _globals['_JOBSTATUS']._serialized_end=1261
+  _globals['_WATCHREQUEST']._serialized_start=1263
+  _globals['_WATCHREQUEST']._serialized_end=1316
+  _globals['_GETREQUEST']._serialized_start=1318
+  _globals['_GETREQUEST']._serialized_end=1346
+  _globals['_CANCELREQUEST']._serialized_start=1348
+  _globals['_CANCELREQUEST']._serialized_end=1395
 # @@protoc_insertion_point(module_scope)

@@ -100,6 +100,7 @@ class Scheme(_message.Message):
     BITS_FIELD_NUMBER: _builtins.int
     GROUP_SIZE_FIELD_NUMBER: _builtins.int
     SYM_FIELD_NUMBER: _builtins.int
+    ACT_FIELD_NUMBER: _builtins.int
     dtype: _builtins.str
     """Code family: "int" | "mxfp" | "nvfp" | "fp8" | "bf16" ("bf16" = not quantized)."""
     bits: _builtins.int
@@ -110,6 +111,10 @@ class Scheme(_message.Message):
     """
     sym: _builtins.bool
     """Symmetric (no zero point) or asymmetric (one zero point per group; "int" only)."""
+    @_builtins.property
+    def act(self) -> Global___ActQuant:
+        """How the layer's input activations are quantized; unset: kept in 16 bits."""
+
     def __init__(
         self,
         *,
@@ -117,14 +122,51 @@ class Scheme(_message.Message):
         bits: _builtins.int = ...,
         group_size: _builtins.int = ...,
         sym: _builtins.bool = ...,
+        act: Global___ActQuant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_act", b"_act", "act", b"act"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_act", b"_act", "act", b"act", "bits", b"bits", "dtype", b"dtype", "group_size", b"group_size", "sym", b"sym"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__act: _TypeAlias = _typing.Literal["act"]  # noqa: Y015
+    _WhichOneofArgType__act: _TypeAlias = _typing.Literal["_act", b"_act"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__act) -> _WhichOneofReturnType__act | None: ...
+
+Global___Scheme: _TypeAlias = Scheme  # noqa: Y015
+
+@_typing.final
+class ActQuant(_message.Message):
+    """Activation quantization of a layer's inputs. Mirrors arctl.schemes.ActQuant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DTYPE_FIELD_NUMBER: _builtins.int
+    BITS_FIELD_NUMBER: _builtins.int
+    GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    DYNAMIC_FIELD_NUMBER: _builtins.int
+    dtype: _builtins.str
+    """Element family: "fp8" | "mxfp" | "nvfp" (the weight scheme's own)."""
+    bits: _builtins.int
+    """Bits per element: 8 for "fp8", 4 or 8 for "mxfp", 4 for "nvfp"."""
+    group_size: _builtins.int
+    """0 = one scale per tensor, -1 = one per token, else inputs per scale (mxfp 32, nvfp 16)."""
+    dynamic: _builtins.bool
+    """Scales computed from each input at run time; false: calibrated on data and stored."""
+    def __init__(
+        self,
+        *,
+        dtype: _builtins.str = ...,
+        bits: _builtins.int = ...,
+        group_size: _builtins.int = ...,
+        dynamic: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "dtype", b"dtype", "group_size", b"group_size", "sym", b"sym"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "dtype", b"dtype", "dynamic", b"dynamic", "group_size", b"group_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Scheme: _TypeAlias = Scheme  # noqa: Y015
+Global___ActQuant: _TypeAlias = ActQuant  # noqa: Y015
 
 @_typing.final
 class LayerPlan(_message.Message):

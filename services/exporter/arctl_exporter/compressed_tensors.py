@@ -47,7 +47,7 @@ from arctl.atomic import atomic_directory
 from arctl.checkpoint import QuantizedCheckpoint
 from arctl.plan import LayerPlan
 from arctl.quant import QuantizedTensor, dequantize
-from arctl.schemes import PER_CHANNEL, Scheme
+from arctl.schemes import PER_CHANNEL, ActQuant, Scheme
 from arctl_exporter import hf_folder, packing
 from arctl_exporter.auto_round import fused_group_problems
 from arctl_exporter.errors import ExportError, ExportVerificationError
@@ -111,6 +111,51 @@ def weight_args(scheme: Scheme) -> dict[str, Any]:
     }
 
 
+def input_args(act: ActQuant | None) -> dict[str, Any] | None:
+    """The group's ``input_activations``: the ``model_dump(mode="json")`` of compressed-tensors' presets
+    ``FP8`` (static per tensor), ``FP8_DYNAMIC`` (per token), ``NVFP4`` (``"local"``: E4M3 scales per 16
+    at run time under a stored global scale), ``MXFP4`` / ``MXFP8`` (E8M0 scales per 32 at run time)."""
+    if act is None:
+        return None
+    if act.dtype == "fp8":
+        args: dict[str, Any] = {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "group_size": None,
+            "strategy": "token" if act.dynamic else "tensor",
+            "dynamic": act.dynamic,
+        }
+        return args if act.dynamic else {**args, "observer": "static_minmax"}
+    if act.dtype == "nvfp":
+        return {
+            "num_bits": 4,
+            "type": "float",
+            "symmetric": True,
+            "group_size": 16,
+            "strategy": "tensor_group",
+            "dynamic": "local",
+            "scale_dtype": "torch.float8_e4m3fn",
+            "observer": "static_minmax",
+        }
+    return {
+        "num_bits": act.bits,
+        "type": "float",
+        "symmetric": True,
+        "group_size": 32,
+        "strategy": "group",
+        "dynamic": True,
+        "scale_dtype": "torch.uint8",
+    }
+
+
+def input_part(scheme: Scheme) -> str | None:
+    """The tensor holding a layer's calibrated activation scale, or None (no static activations)."""
+    if scheme.act is None or scheme.act.dynamic:
+        return None
+    return "input_global_scale" if scheme.act.dtype == "nvfp" else "input_scale"
+
+
 def layer_problem(layer: LayerPlan) -> str | None:
     scheme = layer.scheme
     if not scheme.quantized:
@@ -145,6 +190,32 @@ def nvfp4_fused_problems(layers: tuple[LayerPlan, ...], quantized: dict[str, Qua
     return problems
 
 
+def input_scale_fused_problems(layers: tuple[LayerPlan, ...], quantized: dict[str, QuantizedTensor]) -> list[str]:
+    """Layers with static activations of one fused group whose calibrated input scales differ (or are missing)."""
+    first: dict[str, LayerPlan] = {}
+    problems = []
+    for layer in layers:
+        if input_part(layer.scheme) is None:
+            continue
+        mine = quantized[layer.name].input_scale
+        if mine is None:
+            problems.append(
+                f"{layer.name}: {layer.scheme.name} has no calibrated input scale; re-run the tuner with calibration data"
+            )
+            continue
+        if layer.fused_group is None:
+            continue
+        lead = first.setdefault(layer.fused_group, layer)
+        theirs = quantized[lead.name].input_scale
+        if theirs is not None and not torch.equal(mine, theirs):
+            problems.append(
+                f"{layer.name}: {layer.scheme.name} input scale {float(mine[0]):.6g} differs from {float(theirs[0]):.6g} "
+                f"of {lead.name} in fused group {layer.fused_group}; vLLM and SGLang quantize the group's shared "
+                "input once: calibrate the group with one input scale, or use dynamic activations (FP8_DYNAMIC)"
+            )
+    return problems
+
+
 def quantization_config(layers: tuple[LayerPlan, ...], float_names: list[str]) -> dict[str, Any]:
     """The ``quantization_config``: one group per scheme (most common first), ``ignore`` the rest."""
     quantized = [layer for layer in layers if layer.scheme.quantized]
@@ -158,7 +229,7 @@ def quantization_config(layers: tuple[LayerPlan, ...], float_names: list[str]) -
         groups[f"group_{index}"] = {
             "targets": [layer.name for layer in quantized if layer.scheme == scheme],
             "weights": weight_args(scheme),
-            "input_activations": None,
+            "input_activations": input_args(scheme.act),
             "output_activations": None,
             "format": format_of(scheme),
         }
@@ -204,7 +275,22 @@ def part_names(qt: QuantizedTensor) -> tuple[str, ...]:
     return ("weight_packed", "weight_scale")
 
 
+def input_tensors(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """``{"input_scale" | "input_global_scale": float32 [1]}`` for static activations, else empty.
+    compressed-tensors' ``input_global_scale`` has our convention (``448 * 6 / amax``): stored as is."""
+    part = input_part(qt.scheme)
+    if part is None:
+        return {}
+    if qt.input_scale is None:
+        raise ExportError(f"a {qt.scheme.name} layer has no calibrated input scale; re-run the tuner with calibration data")
+    return {part: qt.input_scale.float().reshape(1).contiguous()}
+
+
 def _tensors(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    return {**_weight_tensors(qt), **input_tensors(qt)}
+
+
+def _weight_tensors(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     scheme = qt.scheme
     if scheme.dtype == "int":
         result = {
@@ -320,13 +406,16 @@ def verify_folder(
         if layer.scheme.quantized and (
             group is None
             or group["weights"] != weight_args(layer.scheme)
+            or group.get("input_activations") != input_args(layer.scheme.act)
             or group["format"] != format_of(layer.scheme)
         ):
             fail(f"{layer.name} is not targeted by a group of its scheme {layer.scheme.name}")
         if not layer.scheme.quantized and (group is not None or layer.name not in qconfig.get("ignore", [])):
             fail(f"{layer.name} (kept in float) is targeted or not ignored")
     expected_keys = set(layout.keys) | {
-        f"{name}.{part}" for name, qt in quantized.items() for part in part_names(qt)
+        f"{name}.{part}"
+        for name, qt in quantized.items()
+        for part in (*part_names(qt), *filter(None, [input_part(qt.scheme)]))
     }
     if (keys := hf_folder.tensor_keys(folder)) != expected_keys:
         fail(
@@ -338,6 +427,11 @@ def verify_folder(
             got = np_dequantize(arrays, qt.scheme, qt.shape)
             if got.shape != qt.shape or not np.array_equal(got, dequantize(qt).numpy()):
                 fail(f"{name}: written tensors do not dequantize to the checkpoint's values")
+            if (part := input_part(qt.scheme)) is not None:
+                scale = _read_array(handle, f"{name}.{part}")
+                want = qt.input_scale.float().reshape(1).numpy()  # type: ignore[union-attr]
+                if scale.dtype != np.float32 or not np.array_equal(scale, want):
+                    fail(f"{name}.{part}: {scale!r} is not the checkpoint's input scale {want!r} (float32 [1])")
     hf_folder.verify_float_tensors(folder, checkpoint, layout)
 
 
@@ -358,8 +452,13 @@ class CompressedTensorsWriter:
         problems += fused_group_problems(layers)  # vLLM and SGLang refuse a fused module whose shards differ
         hf_folder.join_problems(problems)
         quantization_config(layers, [])
-        if any(layer.scheme.dtype == "nvfp" and layer.fused_group for layer in layers):
-            hf_folder.join_problems(nvfp4_fused_problems(layers, checkpoint.quantized_tensors()))
+        nvfp4_fused = any(layer.scheme.dtype == "nvfp" and layer.fused_group for layer in layers)
+        static_act = any(input_part(layer.scheme) for layer in layers)
+        if nvfp4_fused or static_act:
+            quantized = checkpoint.quantized_tensors()
+            hf_folder.join_problems(
+                nvfp4_fused_problems(layers, quantized) + input_scale_fused_problems(layers, quantized)
+            )
 
     def write(self, checkpoint: QuantizedCheckpoint, out_dir: Path) -> Path:
         """Write, verify and rename into ``out_dir``; on any failure nothing is left behind."""

@@ -27,8 +27,8 @@ from arctl.memory import release_free_memory
 from arctl.models import LoadedModel, decoder_blocks
 from arctl.plan import LayerPlan, Plan
 from arctl.progress import Progress, ProgressCallback, ignore_progress
-from arctl.quant import QuantizedTensor, dequantize
 from arctl_tuner.blocks import capture_block_inputs, run_block, tuning_attention
+from arctl_tuner.calibration import fake_quantized
 from arctl_tuner.config import TuneConfig, TuneConfigError
 from arctl_tuner.resume import BlockStore, fingerprint
 from arctl_tuner.rtn import PlanMismatchError, check_plan_fits, quantize_rtn, write_quantized_checkpoint
@@ -39,30 +39,6 @@ def default_work_dir(out_dir: Path) -> Path:
     """Where finished blocks wait for the checkpoint: ``<out>.partial`` beside the output."""
     out_dir = Path(out_dir)
     return out_dir.parent / f"{out_dir.name}.partial"
-
-
-@contextmanager
-def fake_quantized(block: nn.Module, block_name: str, layers: list[LayerPlan], quantized: dict[str, QuantizedTensor]) -> Iterator[None]:
-    """Give the block's planned layers their quantized values (BF16 layers: bfloat16-rounded) for
-    the duration; the float weights are put back afterwards."""
-    originals: dict[str, torch.Tensor] = {}
-    prefix = f"{block_name}."
-    try:
-        with torch.no_grad():
-            for layer in layers:
-                module = block.get_submodule(layer.name[len(prefix):])
-                originals[layer.name] = module.weight.detach().clone()
-                if layer.name in quantized:
-                    value = dequantize(quantized[layer.name])
-                else:
-                    value = module.weight.to(torch.bfloat16)
-                module.weight.copy_(value.to(module.weight.dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for layer in layers:
-                if layer.name in originals:
-                    block.get_submodule(layer.name[len(prefix):]).weight.copy_(originals[layer.name])
 
 
 def _layers_by_block(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module, list[LayerPlan]]]:
@@ -86,7 +62,9 @@ def tune_model(
 ) -> Path:
     """Quantize ``loaded.model`` by ``plan`` with SignRound and write the checkpoint to ``out_dir``."""
     if config.iters == 0:
-        return quantize_rtn(loaded, plan, out_dir, progress)
+        if plan.needs_calibrated_activations and calibration is None:
+            raise TuneConfigError("the plan's static activation scales (FP8_STATIC, NVFP4_A4) need calibration data")
+        return quantize_rtn(loaded, plan, out_dir, progress, None if calibration is None else calibration.input_ids)
     if calibration is None:
         raise TuneConfigError("SignRound needs calibration data (iters > 0)")
     model = loaded.model
@@ -161,7 +139,7 @@ def _tune_blocks(
         else:
             tuned, stats = saved
         if config.enable_quanted_input:
-            with fake_quantized(block, name, layers, tuned):
+            with fake_quantized(block, f"{name}.", layers, tuned):
                 q_stream = run_block(block, q_stream, inputs.kwargs, batch, dtype)
         else:
             q_stream = targets

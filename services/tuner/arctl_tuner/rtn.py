@@ -16,6 +16,7 @@ from arctl.models import LoadedModel, quantizable_layers
 from arctl.plan import Plan
 from arctl.progress import Progress, ProgressCallback, ignore_progress
 from arctl.quant import QuantizedTensor, SchemeShapeError, quantize
+from arctl_tuner.calibration import calibrate_input_scales
 
 
 class PlanMismatchError(ValueError):
@@ -88,8 +89,10 @@ def quantize_rtn(
     plan: Plan,
     out_dir: Path,
     progress: ProgressCallback = ignore_progress,
+    calibration_ids: torch.Tensor | None = None,
 ) -> Path:
-    """Quantize every planned layer of ``loaded.model`` to nearest and write the checkpoint."""
+    """Quantize every planned layer of ``loaded.model`` to nearest and write the checkpoint; static
+    activation scales are calibrated on ``calibration_ids`` ``[n, seqlen]`` (required if the plan has any)."""
     model = loaded.model
     check_plan_fits(model, plan)
     quantized: dict[str, QuantizedTensor] = {}
@@ -99,5 +102,10 @@ def quantize_rtn(
             weight = model.get_submodule(layer.name).weight.detach()
             quantized[layer.name] = quantize(weight, layer.scheme)
         progress(Progress(stage="quantize", completed=index, total=total, message=layer.name))
-    metadata = {"method": "rtn", "iters": 0}
+    metadata: dict[str, object] = {"method": "rtn", "iters": 0}
+    if plan.needs_calibrated_activations:
+        if calibration_ids is None:
+            raise ValueError("the plan's static activation scales need calibration samples")
+        quantized = calibrate_input_scales(model, list(plan.layers), quantized, calibration_ids)
+        metadata["activation_calibration"] = {"nsamples": int(calibration_ids.shape[0]), "seqlen": int(calibration_ids.shape[1])}
     return write_quantized_checkpoint(loaded, plan, quantized, out_dir, metadata)

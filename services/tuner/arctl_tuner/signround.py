@@ -8,7 +8,9 @@ size. The loss of iteration ``t`` belongs to the parameters before step ``t``; t
 the lowest loss are kept (AutoRound's "best iteration"). In blocks whose quantized layers all have
 at least ``config.holdout_min_bits`` bits, the last ``config.holdout`` of the samples are held out of
 training instead, and the kept parameters are those with the lowest MSE on them, measured before the
-first step, every ``iters // HOLDOUT_CHECKS`` steps and after the last one.
+first step, every ``iters // HOLDOUT_CHECKS`` steps and after the last one. Layers with static
+activation quantization get their input scale from the largest input the float block gives them on
+the quantized stream, before tuning, and are tuned behind their quantized inputs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.nn import functional
 
 from arctl.plan import LayerPlan
 from arctl.quant import QuantizedTensor
+from arctl.quant.activations import static_input_scale
 from arctl_tuner.blocks import _autocast, block_output, run_block
 from arctl_tuner.config import TuneConfig
 from arctl_tuner.signsgd import CyclicSampler, clamp_factors, linear_decay, signed_step
@@ -46,18 +49,27 @@ CLIP_SEARCH_LOW = 0.6
 CLIP_SEARCH_STEPS = 17
 
 
-def input_second_moments(
+@dataclass(frozen=True)
+class InputStatistics:
+    """Of the input of one linear over every token: ``E[x_j^2]`` (``[in_features]``) and ``max |x|``."""
+
+    second_moment: torch.Tensor
+    amax: torch.Tensor
+
+
+def input_statistics(
     block: nn.Module, names: list[str], inputs: torch.Tensor, kwargs: dict[str, Any], batch_size: int, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """``E[x_j^2]`` over every token of the input of each named linear (``[in_features]``), from a
-    forward pass of the float block over ``inputs``."""
+) -> dict[str, InputStatistics]:
+    """The input statistics of each named linear from a forward pass of the float block over ``inputs``."""
     sums: dict[str, torch.Tensor] = {}
+    amax: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def hook_for(name: str):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+            amax[name] = torch.maximum(amax.get(name, torch.zeros(())), x.abs().amax())
             counts[name] = counts.get(name, 0) + x.shape[0]
 
         return hook
@@ -68,7 +80,7 @@ def input_second_moments(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: sums[name] / counts[name] for name in names}
+    return {name: InputStatistics(sums[name] / counts[name], amax[name]) for name in names}
 
 
 def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -99,11 +111,18 @@ def tune_block(
         if layer.scheme.quantized
     }
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-    if config.search_init_clip and config.enable_minmax_tuning:
-        input_sq = input_second_moments(block, list(tunables), q_inputs, kwargs, config.batch_size, dtype)
-        candidates = torch.linspace(CLIP_SEARCH_LOW, 1.0, CLIP_SEARCH_STEPS)
-        for name, tunable in tunables.items():
-            tunable.search_clipping(input_sq[name], candidates)
+    search_clip = config.search_init_clip and config.enable_minmax_tuning
+    calibrate = [name for name, t in tunables.items() if t.scheme.act is not None and t.scheme.act.static]
+    if search_clip or calibrate:
+        statistics = input_statistics(block, list(tunables), q_inputs, kwargs, config.batch_size, dtype)
+        for name in calibrate:
+            act = tunables[name].scheme.act
+            assert act is not None
+            tunables[name].input_scale = static_input_scale(statistics[name].amax, act)
+        if search_clip:
+            candidates = torch.linspace(CLIP_SEARCH_LOW, 1.0, CLIP_SEARCH_STEPS)
+            for name, tunable in tunables.items():
+                tunable.search_clipping(statistics[name].second_moment, candidates)
     lowest_bits = min((t.scheme.bits for t in tunables.values()), default=0)
     held = config.holdout_count(q_inputs.shape[0]) if lowest_bits >= config.holdout_min_bits else 0
     train = q_inputs.shape[0] - held

@@ -5,19 +5,22 @@ For a weight ``[out, in]`` with ``groups`` scale groups per row:
 - ``max_factor`` / ``min_factor`` ``[out, groups]`` (init 1, kept in [0, 1]): shrink the group's
   range before the scale is computed (``min_factor`` only for int schemes).
 The forward pass uses the fake-quantized weight (straight-through rounding), computed by the fused
-kernels of ``arctl.quant.fused``.
+kernels of ``arctl.quant.fused``, and quantizes its input when the scheme quantizes activations
+(static ones with ``input_scale``, set from calibration before tuning).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import nn
 from torch.nn import functional
 
 from arctl.quant import QuantizedTensor, quantize
+from arctl.quant.activations import fake_quantize_activation
 from arctl.quant.fused import fused_fake_quantize
 from arctl.schemes import PER_CHANNEL, Scheme
 
@@ -33,6 +36,7 @@ class TunableLinear(nn.Module):
         self.max_factor = nn.Parameter(torch.ones(out_features, groups)) if tune_minmax else None
         with_min = tune_minmax and scheme.dtype == "int"
         self.min_factor = nn.Parameter(torch.ones(out_features, groups)) if with_min else None
+        self.input_scale: torch.Tensor | None = None
 
     def rounding_params(self) -> list[nn.Parameter]:
         return [self.offset]
@@ -47,6 +51,8 @@ class TunableLinear(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         bias = None if self.linear.bias is None else self.linear.bias.to(dtype)
+        if self.scheme.act is not None:
+            x = fake_quantize_activation(x, self.scheme.act, self.input_scale)
         return functional.linear(x.to(dtype), self.qdq_weight(dtype), bias)
 
     def snapshot(self) -> list[torch.Tensor]:
@@ -83,8 +89,9 @@ class TunableLinear(nn.Module):
 
     @torch.no_grad()
     def quantized(self) -> QuantizedTensor:
-        """The stored form with the current learned parameters."""
-        return quantize(self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor)
+        """The stored form with the current learned parameters (and the calibrated input scale)."""
+        qt = quantize(self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor)
+        return replace(qt, input_scale=self.input_scale)
 
 
 @contextmanager

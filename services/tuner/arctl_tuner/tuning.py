@@ -47,7 +47,7 @@ def run_tuning(
     """Read the calibration samples the settings name (if tuning) and run the tuner engine."""
     config = settings.config
     calibration = None
-    if config.iters > 0:
+    if config.iters > 0 or plan.needs_calibrated_activations:
         calibration = calibration_samples(
             loaded.tokenizer, settings.dataset, config.nsamples, config.seqlen, config.seed, data_dir=settings.data_dir
         )
