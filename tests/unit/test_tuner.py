@@ -261,3 +261,20 @@ def test_holdout_applies_only_to_blocks_of_at_least_min_bits(scheme: str, held_o
                                TuneConfig(**settings, holdout=0.0), seed=0)
     summary = lambda stats: (stats.loss_before, stats.loss_after, stats.best_iter)
     assert (summary(default) != summary(batch_rule)) is held_out
+
+
+@pytest.mark.parametrize("iters", [0, 5])
+def test_nvfp4_fused_groups_share_one_global_scale(iters: int, tmp_path: Path) -> None:
+    loaded = _loaded()
+    plan = plan_uniform(loaded, get_scheme("NVFP4"))
+    config = TuneConfig(iters=iters, batch_size=4, nsamples=8, seqlen=32, dtype="float32")
+    quantized = read_checkpoint(tune_model(loaded, plan, tmp_path / "ckpt", config, _calibration())).quantized_tensors()
+    for block in ("model.layers.0", "model.layers.1"):
+        groups = [[f"{block}.self_attn.{p}_proj" for p in "qkv"], [f"{block}.mlp.{p}_proj" for p in ("gate", "up")]]
+        for names in groups:
+            amax = max(float(loaded.model.get_submodule(name).weight.abs().max()) for name in names)
+            for name in names:  # the group's largest weight sets the scale
+                assert float(quantized[name].global_scale) == pytest.approx(448 * 6 / amax, rel=1e-6)
+        # a layer outside any fused group keeps its own
+        o_proj = loaded.model.get_submodule(f"{block}.self_attn.o_proj").weight
+        assert float(quantized[f"{block}.self_attn.o_proj"].global_scale) == pytest.approx(448 * 6 / float(o_proj.abs().max()))

@@ -54,12 +54,17 @@ def _require_quantized(scheme: Scheme) -> None:
         raise ValueError(f"{scheme.name} is not a quantized scheme")
 
 
-def _learned(scheme: Scheme, offset, min_factor, max_factor) -> dict[str, torch.Tensor | None]:
-    """SignRound's learned parameters as keyword arguments; only ``int`` schemes have a min factor."""
+def _learned(scheme: Scheme, offset, min_factor, max_factor, global_scale=None) -> dict[str, torch.Tensor | None]:
+    """SignRound's learned parameters (and a given NVFP4 global scale) as keyword arguments; only
+    ``int`` schemes have a min factor, only ``nvfp`` ones a global scale."""
+    if global_scale is not None and scheme.dtype != "nvfp":
+        raise ValueError(f"{scheme.name} has no global scale (only NVFP4 schemes do)")
     if scheme.dtype == "int":
         return {"offset": offset, "min_factor": min_factor, "max_factor": max_factor}
     if min_factor is not None:
         raise ValueError(f"{scheme.name} has no min clipping factor (only int schemes do)")
+    if scheme.dtype == "nvfp":
+        return {"offset": offset, "max_factor": max_factor, "global_scale": global_scale}
     return {"offset": offset, "max_factor": max_factor}
 
 
@@ -69,11 +74,13 @@ def quantize(
     offset: torch.Tensor | None = None,
     min_factor: torch.Tensor | None = None,
     max_factor: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """Quantize ``weight`` ``[out, in]`` with ``scheme``: round to nearest, or with SignRound's
-    learned rounding ``offset`` (``[out, in]``) and clipping factors (``[out, groups]``)."""
+    learned rounding ``offset`` (``[out, in]``) and clipping factors (``[out, groups]``); NVFP4
+    takes a given ``global_scale`` (fp32 ``[1]``) instead of its own."""
     _require_quantized(scheme)
-    return _QUANTIZE[scheme.dtype](weight, scheme, **_learned(scheme, offset, min_factor, max_factor))
+    return _QUANTIZE[scheme.dtype](weight, scheme, **_learned(scheme, offset, min_factor, max_factor, global_scale))
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
@@ -88,9 +95,10 @@ def fake_quantize(
     offset: torch.Tensor | None = None,
     min_factor: torch.Tensor | None = None,
     max_factor: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize with straight-through rounding (differentiable in ``offset`` and the
     clipping factors); BF16 rounds to bfloat16."""
     if not scheme.quantized:
         return weight.to(torch.bfloat16).to(weight.dtype)
-    return _FAKE_QUANTIZE[scheme.dtype](weight, scheme, **_learned(scheme, offset, min_factor, max_factor))
+    return _FAKE_QUANTIZE[scheme.dtype](weight, scheme, **_learned(scheme, offset, min_factor, max_factor, global_scale))

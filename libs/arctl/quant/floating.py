@@ -6,7 +6,7 @@ Shapes: weight ``[out, in]``; codes uint8 ``[out, in]``; scales ``[out, groups]`
 - MX (OCP microscaling): per 32 inputs ``e = clamp(floor(log2(amax)) - emax, -127, 127)`` with
   ``emax`` = 2 (E2M1) or 8 (E4M3); elements are ``w / 2**e`` rounded to the element grid,
   saturating. The scale is stored as E8M0, ``e + 127``. An all-zero group gets ``e = -127``.
-- NVFP4: ``global = 448 * 6 / amax(W)``; per 16 inputs ``s = e4m3(global * amax_block / 6)``;
+- NVFP4: ``global = 448 * 6 / amax(W)`` (or one given: the layers a runtime fuses share one); per 16 inputs ``s = e4m3(global * amax_block / 6)``;
   elements ``e2m1(w * global / s)``; value = element * s / global.
 - FP8: per output row ``s = amax_row / 448`` (at least ``1 / (448 * 512)``); elements ``e4m3(w / s)``.
 
@@ -126,10 +126,10 @@ def _nvfp4_scaled(grouped, block_scale, global_scale, offset):
     return scaled.clamp(-FP4_MAX, FP4_MAX)
 
 
-def quantize_nvfp4(weight: torch.Tensor, scheme: Scheme, offset=None, max_factor=None) -> QuantizedTensor:
+def quantize_nvfp4(weight: torch.Tensor, scheme: Scheme, offset=None, max_factor=None, global_scale=None) -> QuantizedTensor:
     with torch.no_grad():
         grouped = to_groups(weight.float(), scheme)
-        global_scale = nvfp4_global_scale(weight)
+        global_scale = nvfp4_global_scale(weight) if global_scale is None else global_scale.float().reshape(1)
         block_scale = _nvfp4_block_scale(grouped, global_scale, max_factor)
         codes = fp4_codes(_nvfp4_scaled(grouped, block_scale, global_scale, offset))
     return QuantizedTensor(
@@ -147,9 +147,9 @@ def dequantize_nvfp4(qt: QuantizedTensor) -> torch.Tensor:
     return from_groups(grouped * qt.scales.float().unsqueeze(-1) / qt.global_scale.float())
 
 
-def fake_quantize_nvfp4(weight: torch.Tensor, scheme: Scheme, offset=None, max_factor=None) -> torch.Tensor:
+def fake_quantize_nvfp4(weight: torch.Tensor, scheme: Scheme, offset=None, max_factor=None, global_scale=None) -> torch.Tensor:
     grouped = to_groups(weight.float(), scheme)
-    global_scale = nvfp4_global_scale(weight)
+    global_scale = nvfp4_global_scale(weight) if global_scale is None else global_scale.float().reshape(1)
     block_scale = _nvfp4_block_scale(grouped, global_scale, max_factor)
     rounded = round_fp4_ste(_nvfp4_scaled(grouped, block_scale, global_scale, offset))
     return from_groups(rounded * block_scale / global_scale).to(weight.dtype)

@@ -181,13 +181,16 @@ def fused_fake_quantize(
     min_factor: torch.Tensor | None = None,
     max_factor: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fake_quantize`` with fused element-wise passes for int and MXFP4 schemes (same arguments,
     same values; gradients equal up to float summation order), in ``dtype`` (default: the
     weight's; the cast is part of the fused pass)."""
     dtype = weight.dtype if dtype is None else dtype
+    if global_scale is not None:
+        return fake_quantize(weight, scheme, offset, min_factor, max_factor, global_scale).to(dtype)
     if scheme.quantized and scheme.dtype == "int":
         return _fused_int(weight, scheme, offset, min_factor, max_factor, dtype)
     if scheme.quantized and scheme.dtype == "mxfp" and scheme.bits == 4 and min_factor is None:
         return _fused_mx4(weight, scheme, offset, max_factor, dtype)
-    return fake_quantize(weight, scheme, offset, min_factor, max_factor).to(dtype)
+    return fake_quantize(weight, scheme, offset, min_factor, max_factor, global_scale).to(dtype)

@@ -51,6 +51,8 @@ def layer_problem(layer: LayerPlan, blocks: list[str]) -> str | None:
         return None
     out_features, in_features = layer.shape
     head = f"{layer.name}: {scheme.name} cannot be written as {FORMAT_NAME}"
+    if scheme.act is not None:
+        return f"{head} (it quantizes activations; this format stores weights only); use compressed-tensors"
     if scheme.dtype != "int" or scheme.bits != 4:
         alternative = (
             "compressed-tensors" if scheme.dtype != "int" else "auto_round, auto_gptq or compressed-tensors"

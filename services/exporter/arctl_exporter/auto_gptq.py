@@ -65,6 +65,8 @@ def layer_problem(layer: LayerPlan) -> str | None:
         return None
     out_features, in_features = layer.shape
     head = f"{layer.name}: {scheme.name} cannot be written as {FORMAT_NAME}"
+    if scheme.act is not None:
+        return f"{head} (it quantizes activations; this format stores weights only); use compressed-tensors"
     if scheme.dtype != "int":
         return f"{head} (INT only); use compressed-tensors"
     if scheme.bits not in packing.SUPPORTED_BITS:

@@ -8,7 +8,8 @@ Output: a Hugging Face model folder. ``config.json`` gets::
      "config_groups": {"group_0": {"targets": ["model.layers.0.mlp.down_proj", ...],
                                    "weights": {"num_bits": 4, "type": "int", "symmetric": true,
                                                "group_size": 32, "strategy": "group", "dynamic": false},
-                                   "input_activations": null, "output_activations": null,
+                                   "input_activations": null (or the preset's args, below),
+                                   "output_activations": null,
                                    "format": "pack-quantized"}, ...},
      "ignore": ["lm_head", "model.layers.1.self_attn.o_proj"], "kv_cache_scheme": null}
 
@@ -26,11 +27,32 @@ Per quantized layer (``out``/``in`` = out_features/in_features):
 | NVFP4 | ``nvfp4-pack-quantized`` | ``weight_packed`` uint8 ``[out, in/2]``, ``weight_scale`` float8_e4m3fn ``[out, in/16]``, ``weight_global_scale`` fp32 ``[1]`` (value = fp4 * scale / global) |
 | FP8 (per channel) | ``float-quantized`` | ``weight`` float8_e4m3fn ``[out, in]``, ``weight_scale`` fp32 ``[out, 1]`` |
 
-Every other tensor keeps the checkpoint's dtype. The layers of a fused group (q/k/v, gate/up) must
-share one scheme, and NVFP4 ones one global scale: vLLM and SGLang run the group as one module.
+Every other tensor keeps the checkpoint's dtype.
+
+Activation quantization (``Scheme.act``; one group per scheme, so FP8 and FP8_STATIC are two groups)
+goes into the group's ``input_activations``, the ``model_dump(mode="json")`` of compressed-tensors'
+own preset, and a calibrated scale into one more tensor per layer:
+
+| scheme | ``input_activations`` (preset) | tensor |
+|---|---|---|
+| FP8_STATIC | ``FP8``: float 8, ``tensor``, ``dynamic: false``, observer ``static_minmax`` | ``input_scale`` fp32 ``[1]``, our ``input_scale`` (``amax / 448``; input = e4m3(x / s) * s) |
+| FP8_DYNAMIC | ``FP8_DYNAMIC``: float 8, ``token``, ``dynamic: true`` | none |
+| NVFP4_A4 | ``NVFP4``: float 4, ``tensor_group`` 16, ``dynamic: "local"``, scale_dtype E4M3 | ``input_global_scale`` fp32 ``[1]``, our ``input_scale`` as is (``448 * 6 / amax``, value = fp4 * scale / global: compressed-tensors' convention too) |
+| MXFP4_A4, MXFP8_A8 | ``MXFP4`` / ``MXFP8``: float 4/8, ``group`` 32, ``dynamic: true``, scale_dtype uint8 | none |
+
+The weights keep their rows above (FP8: per channel, where the ``FP8`` preset has one scale per
+tensor; vLLM runs channel weights with static per-tensor inputs). Runtimes compute the dynamic scales
+themselves: compressed-tensors rounds an MX group's amax at E2M1 precision before taking its exponent
+(the scale doubles when the amax mantissa is >= 1.75), where arctl's fake quantization takes the
+OCP floor; FP8 and NVFP4 activations are computed alike.
+
+The layers of a fused group (q/k/v, gate/up) must share one scheme, NVFP4 ones one global scale, and
+static-activation ones one input scale: vLLM and SGLang run the group as one module.
 
 Before the rename the folder is read back with an independent numpy reader (bit-by-bit unpacking,
-E2M1/E4M3/E8M0 decoded by arithmetic) and every layer must give exactly ``dequantize`` of the checkpoint.
+E2M1/E4M3/E8M0 decoded by arithmetic): every layer must give exactly ``dequantize`` of the checkpoint,
+every group's ``input_activations`` must be its scheme's, and every calibrated input scale must be the
+checkpoint's, bit for bit.
 """
 
 from __future__ import annotations
@@ -207,11 +229,12 @@ def input_scale_fused_problems(layers: tuple[LayerPlan, ...], quantized: dict[st
             continue
         lead = first.setdefault(layer.fused_group, layer)
         theirs = quantized[lead.name].input_scale
+        dynamic = ", or use FP8_DYNAMIC" if layer.scheme.dtype == "fp8" else ""
         if theirs is not None and not torch.equal(mine, theirs):
             problems.append(
                 f"{layer.name}: {layer.scheme.name} input scale {float(mine[0]):.6g} differs from {float(theirs[0]):.6g} "
                 f"of {lead.name} in fused group {layer.fused_group}; vLLM and SGLang quantize the group's shared "
-                "input once: calibrate the group with one input scale, or use dynamic activations (FP8_DYNAMIC)"
+                f"input once with one scale: calibrate the group's layers together{dynamic}"
             )
     return problems
 
@@ -436,11 +459,13 @@ def verify_folder(
 
 
 class CompressedTensorsWriter:
-    """``compressed-tensors`` format: INT (pack-quantized), MXFP4, MXFP8, NVFP4 and FP8, mixed allowed."""
+    """``compressed-tensors`` format: INT (pack-quantized), MXFP4, MXFP8, NVFP4 and FP8 (with or without quantized
+    activations), mixed allowed."""
 
     name = FORMAT_NAME
     description = (
-        "quant_method compressed-tensors: pack-quantized INT, MXFP4, MXFP8, NVFP4, FP8; one group per scheme"
+        "quant_method compressed-tensors: pack-quantized INT, MXFP4, MXFP8, NVFP4, FP8, with quantized activations "
+        "(FP8 static/dynamic, MX, NVFP4); one group per scheme"
     )
     dtypes = ("int", "mxfp", "nvfp", "fp8")
     int_bits = (2, 3, 4, 5, 6, 8)

@@ -358,6 +358,12 @@ def _entries(checkpoint: QuantizedCheckpoint, model: _Model) -> list[_Entry]:
             )
             continue
         layer = planned.get(hf_name)
+        if layer is not None and layer.scheme.act is not None:
+            problems.append(
+                f"{layer.name}: {layer.scheme.name} cannot be written as gguf (it quantizes activations; GGUF stores "
+                "weights only); use compressed-tensors"
+            )
+            continue
         if layer is not None:
             in_features = layer.shape[1]
             if layer.scheme.quantized and in_features % 32:

@@ -13,9 +13,10 @@ from torch import nn
 import arctl
 from arctl.checkpoint import write_checkpoint
 from arctl.models import LoadedModel, quantizable_layers
-from arctl.plan import Plan
+from arctl.plan import LayerPlan, Plan
 from arctl.progress import Progress, ProgressCallback, ignore_progress
 from arctl.quant import QuantizedTensor, SchemeShapeError, quantize
+from arctl.quant.floating import nvfp4_global_scale
 from arctl_tuner.calibration import calibrate_input_scales
 
 
@@ -36,6 +37,22 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
                 f"{layer.name}: {layer.scheme.name} groups of {layer.scheme.group_size} do not divide "
                 f"in_features {layer.shape[1]}"
             )
+
+
+def fused_nvfp4_global_scales(module: nn.Module, prefix: str, layers: list[LayerPlan]) -> dict[str, torch.Tensor]:
+    """One NVFP4 global scale for the NVFP4 layers of each fused group (q/k/v, gate/up), from their
+    largest weight: vLLM and SGLang run a fused group as one module with one global scale. Layers
+    are named ``prefix`` + their name in ``module``."""
+    groups: dict[str, list[str]] = {}
+    for layer in layers:
+        if layer.scheme.dtype == "nvfp" and layer.fused_group is not None:
+            groups.setdefault(layer.fused_group, []).append(layer.name)
+    scales: dict[str, torch.Tensor] = {}
+    for names in groups.values():
+        amax = torch.stack([module.get_submodule(name[len(prefix):]).weight.detach().abs().amax().float() for name in names])
+        shared = nvfp4_global_scale(amax)
+        scales.update({name: shared.clone() for name in names})
+    return scales
 
 
 def write_model_files(loaded: LoadedModel, folder: Path) -> None:
@@ -97,10 +114,11 @@ def quantize_rtn(
     check_plan_fits(model, plan)
     quantized: dict[str, QuantizedTensor] = {}
     total = len(plan.layers)
+    global_scales = fused_nvfp4_global_scales(model, "", list(plan.layers))
     for index, layer in enumerate(plan.layers, start=1):
         if layer.scheme.quantized:
             weight = model.get_submodule(layer.name).weight.detach()
-            quantized[layer.name] = quantize(weight, layer.scheme)
+            quantized[layer.name] = quantize(weight, layer.scheme, global_scale=global_scales.get(layer.name))
         progress(Progress(stage="quantize", completed=index, total=total, message=layer.name))
     metadata: dict[str, object] = {"method": "rtn", "iters": 0}
     if plan.needs_calibrated_activations:

@@ -28,6 +28,7 @@ from arctl.quant import QuantizedTensor
 from arctl.quant.activations import static_input_scale
 from arctl_tuner.blocks import _autocast, block_output, run_block
 from arctl_tuner.config import TuneConfig
+from arctl_tuner.rtn import fused_nvfp4_global_scales
 from arctl_tuner.signsgd import CyclicSampler, clamp_factors, linear_decay, signed_step
 from arctl_tuner.tunable import TunableLinear, swapped
 
@@ -110,6 +111,8 @@ def tune_block(
         for layer in layers
         if layer.scheme.quantized
     }
+    for name, scale in fused_nvfp4_global_scales(block, prefix, layers).items():
+        tunables[name[len(prefix):]].global_scale = scale
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
     search_clip = config.search_init_clip and config.enable_minmax_tuning
     calibrate = [name for name, t in tunables.items() if t.scheme.act is not None and t.scheme.act.static]

@@ -37,6 +37,7 @@ class TunableLinear(nn.Module):
         with_min = tune_minmax and scheme.dtype == "int"
         self.min_factor = nn.Parameter(torch.ones(out_features, groups)) if with_min else None
         self.input_scale: torch.Tensor | None = None
+        self.global_scale: torch.Tensor | None = None  # NVFP4: shared by a fused group
 
     def rounding_params(self) -> list[nn.Parameter]:
         return [self.offset]
@@ -45,7 +46,9 @@ class TunableLinear(nn.Module):
         return [p for p in (self.min_factor, self.max_factor) if p is not None]
 
     def qdq_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return fused_fake_quantize(self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor, dtype)
+        return fused_fake_quantize(
+            self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor, dtype, self.global_scale
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
@@ -78,7 +81,8 @@ class TunableLinear(nn.Module):
         for value in candidates.tolist():
             factor = torch.full((out_features, groups), value)
             min_factor = factor if self.min_factor is not None else None
-            error = (fused_fake_quantize(weight, self.scheme, None, min_factor, factor) - weight).pow(2) * input_sq
+            quantized = fused_fake_quantize(weight, self.scheme, None, min_factor, factor, global_scale=self.global_scale)
+            error = (quantized - weight).pow(2) * input_sq
             per_group = error.reshape(out_features, groups, -1).sum(-1)
             better = per_group < best_error
             best_error = torch.where(better, per_group, best_error)
@@ -90,7 +94,7 @@ class TunableLinear(nn.Module):
     @torch.no_grad()
     def quantized(self) -> QuantizedTensor:
         """The stored form with the current learned parameters (and the calibrated input scale)."""
-        qt = quantize(self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor)
+        qt = quantize(self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor, self.global_scale)
         return replace(qt, input_scale=self.input_scale)
 
 
