@@ -19,7 +19,10 @@ LongTensors ``[1, seqlen]`` (``auto_round/calibration/llm.py::calib`` runs each 
 keeps those of length >= seqlen and stops after ``nsamples``). Same nsamples, seqlen, iters, batch
 size, seed and scheme (bits, group size, sym/asym, data type). ``MXFP4`` is auto-round's ``"MXFP4"``
 preset with ``act_bits=16``: the preset also quantizes activations (dynamic MXFP4, group 32),
-arctl's tuner is weight-only, so auto-round is made weight-only too. Everything else in auto-round
+so auto-round is made weight-only to match arctl's weight-only ``MXFP4``. arctl's presets with
+activation quantization (``NVFP4_A4``, ``MXFP4_A4``, ``FP8_STATIC``, ...) run ``rtn`` and ``arctl`` only
+(``--out`` elsewhere than the main results): static activation scales are calibrated on the same
+calibration samples, and the evaluation quantizes the inputs as the checkpoint says. Everything else in auto-round
 stays at its defaults (amp: the whole model cast to bfloat16 on CPU; torch.compile: on unless it
 turns it off itself, e.g. for iters < 10; low_cpu_mem_usage: on, which it turns off itself for a
 dense in-memory model; lr 1/iters; min-max tuning; best iteration) and what it actually used is
@@ -143,11 +146,15 @@ def short_name(scheme_name: str) -> str:
     return scheme_name.replace("A16", "")
 
 
-def autoround_scheme(scheme_name: str) -> tuple[str, dict[str, Any]]:
-    """auto-round's preset and overrides for one of arctl's presets, weight-only."""
+def autoround_scheme(scheme_name: str) -> tuple[str, dict[str, Any]] | None:
+    """auto-round's preset and overrides for one of arctl's weight-only presets; None for presets
+    that quantize activations (their auto-round result is not evaluated with its activation
+    quantization by this benchmark, so it is not run)."""
     from arctl.schemes import get_scheme
 
     scheme = get_scheme(scheme_name)
+    if scheme.act is not None:
+        return None
     if scheme.dtype == "int":
         if scheme.group_size in (32, 64):
             preset = f"W{scheme.bits}A16G{scheme.group_size}"
@@ -332,8 +339,10 @@ def worker_rtn(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     plan = plan_uniform(loaded, get_scheme(args.scheme))
     out_dir = work / f"rtn-{args.scheme}"
     shutil.rmtree(out_dir, ignore_errors=True)
+    # static activation scales are calibrated on the tuners' calibration samples
+    calibration = load_calibration(work) if plan.needs_calibrated_activations else None
     started, cpu_started = time.perf_counter(), own_cpu_seconds()
-    path = tune_model(loaded, plan, out_dir, TuneConfig(iters=0), None)
+    path = tune_model(loaded, plan, out_dir, TuneConfig(iters=0), calibration)
     return {
         "wall_s": round(time.perf_counter() - started, 2),
         "cpu_s": round(own_cpu_seconds() - cpu_started, 1),
@@ -478,7 +487,9 @@ def worker_autoround(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     loaded = load_float(work, "cpu")
     calibration = load_calibration(work)
     dataset = [row.unsqueeze(0) for row in calibration.input_ids]
-    preset, overrides = autoround_scheme(args.scheme)
+    mapped = autoround_scheme(args.scheme)
+    assert mapped is not None, "the parent runs auto-round only for weight-only schemes"
+    preset, overrides = mapped
     rss_after_load = ru_maxrss_mb()
     loadavg_before = os.getloadavg()
     started, cpu_started = time.perf_counter(), own_cpu_seconds()
@@ -742,11 +753,14 @@ def run_parent(args: argparse.Namespace) -> None:
     for name in schemes:
         row: dict[str, Any] = {"scheme": short_name(name), "arctl_scheme": name}
         for method in METHODS:
+            if method == "autoround" and autoround_scheme(name) is None:
+                row[method] = {"skipped": "activation quantization: auto-round's result is not evaluated with it here"}
+                continue
             row[method] = run_step(method, args, work, name)
         inputs = {
             method: {key: row[method][key] for key in ("checkpoint", "weights") if key in row[method]}
             for method in METHODS
-            if "error" not in row[method]
+            if "error" not in row[method] and "skipped" not in row[method]
         }
         inputs_path = work / f"eval-{name}.json"
         inputs_path.write_text(json.dumps(inputs))
