@@ -26,7 +26,10 @@ from test_export_auto_round import (
     tiny_model,
 )
 
+from arctl.plan import LayerPlan
 from arctl.quant import dequantize
+from arctl.schemes import get_scheme
+from arctl_exporter.auto_awq import layer_problem
 from arctl_exporter.engine import export
 from arctl_exporter.errors import ExportError
 
@@ -128,6 +131,13 @@ def test_loads_with_auto_rounds_awq_loader(awq_export):
             r"^model\.layers\.0\.mlp\.up_proj: MXFP4 cannot be written as auto_awq \(INT4 only\); use compressed-tensors",
         ),
         (
+            {"model.layers.0.mlp.up_proj": "FP8_DYNAMIC"},
+            (
+                r"^model\.layers\.0\.mlp\.up_proj: FP8_DYNAMIC cannot be written as auto_awq \(it quantizes activations; "
+                r"this format stores weights only\); use compressed-tensors"
+            ),
+        ),
+        (
             {"model.layers.0.mlp.up_proj": "W4A16C"},
             r"W4A16C cannot be written as auto_awq \(needs a group size",
         ),
@@ -149,3 +159,12 @@ def test_what_awq_cannot_hold_is_refused(tmp_path, changes, expected):
     with pytest.raises(ExportError, match=expected):
         export(checkpoint, ["auto_awq"], tmp_path / "model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+@pytest.mark.parametrize("scheme", ["FP8_STATIC", "FP8_DYNAMIC", "MXFP4_A4", "MXFP8_A8", "NVFP4_A4"])
+def test_activation_quantization_is_refused(scheme):
+    problem = layer_problem(LayerPlan("model.layers.0.mlp.up_proj", (128, 128), get_scheme(scheme)), ["model.layers"])
+    assert problem == (
+        f"model.layers.0.mlp.up_proj: {scheme} cannot be written as auto_awq (it quantizes activations; "
+        "this format stores weights only); use compressed-tensors"
+    )

@@ -31,7 +31,7 @@ from test_export_auto_round import (
 from arctl.plan import LayerPlan
 from arctl.quant import dequantize
 from arctl.schemes import get_scheme
-from arctl_exporter.auto_gptq import AutoGptqWriter, quantization_config, resolve
+from arctl_exporter.auto_gptq import AutoGptqWriter, layer_problem, quantization_config, resolve
 from arctl_exporter.engine import export
 from arctl_exporter.errors import ExportError
 from arctl_exporter.packing import unpack_qzeros
@@ -218,6 +218,13 @@ def test_zero_point_zero_is_refused_naming_the_layer(tmp_path):
             r"W6A16G32 cannot be written as auto_gptq \(INT 2/3/4/8 only\); use compressed-tensors or gguf",
         ),
         ("NVFP4", r"NVFP4 cannot be written as auto_gptq \(INT only\)"),
+        (
+            "MXFP4_A4",
+            (
+                r"MXFP4_A4 cannot be written as auto_gptq \(it quantizes activations; this format stores weights "
+                r"only\); use compressed-tensors$"
+            ),
+        ),
     ],
 )
 def test_unwritable_layer_is_refused(tmp_path, scheme, expected):
@@ -228,6 +235,15 @@ def test_unwritable_layer_is_refused(tmp_path, scheme, expected):
     with pytest.raises(ExportError, match=r"^model\.layers\.0\.mlp\.up_proj: " + expected):
         export(checkpoint, ["auto_gptq"], tmp_path / "model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+@pytest.mark.parametrize("scheme", ["FP8_STATIC", "FP8_DYNAMIC", "MXFP4_A4", "MXFP8_A8", "NVFP4_A4"])
+def test_activation_quantization_is_refused(scheme):
+    problem = layer_problem(LayerPlan("model.layers.0.mlp.up_proj", (128, 128), get_scheme(scheme)))
+    assert problem == (
+        f"model.layers.0.mlp.up_proj: {scheme} cannot be written as auto_gptq (it quantizes activations; "
+        "this format stores weights only); use compressed-tensors"
+    )
 
 
 def test_writer_attributes():

@@ -263,6 +263,13 @@ def test_mixed_plan_loads_and_matches(mixed_export):
             r"W4A16G32_ASYM cannot be written as auto_round:auto_gptq \(symmetric INT only\); use auto_awq",
         ),
         ("W6A16G32", r"W6A16G32 cannot be written .*INT 2/3/4/8 only"),
+        (
+            "FP8_DYNAMIC",
+            (
+                r"FP8_DYNAMIC cannot be written as auto_round:auto_gptq \(it quantizes activations; this format "
+                r"stores weights only\); use compressed-tensors$"
+            ),
+        ),
     ],
 )
 def test_unwritable_layer_is_refused_before_writing(tmp_path, scheme, expected):
@@ -275,6 +282,17 @@ def test_unwritable_layer_is_refused_before_writing(tmp_path, scheme, expected):
         export(checkpoint, ["auto_round"], tmp_path / "model")
     assert not (tmp_path / "model").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+@pytest.mark.parametrize("scheme", ["FP8_STATIC", "FP8_DYNAMIC", "MXFP4_A4", "MXFP8_A8", "NVFP4_A4"])
+def test_activation_quantization_is_refused(scheme):
+    """auto-round 0.16.1 has its own FP8 / MX / NVFP layouts with activation scales, but this writer packs
+    INT weights only: such layers go to compressed-tensors."""
+    problem = layer_problem(LayerPlan("model.layers.0.mlp.up_proj", (128, 128), get_scheme(scheme)))
+    assert problem == (
+        f"model.layers.0.mlp.up_proj: {scheme} cannot be written as auto_round:auto_gptq (it quantizes "
+        "activations; this format stores weights only); use compressed-tensors"
+    )
 
 
 def test_shapes_the_packing_cannot_hold():

