@@ -15,8 +15,8 @@ from arctl.data import CalibrationSet
 from arctl.models import LoadedModel, load_checkpoint_model
 from arctl.plan import LayerPlan, Plan
 from arctl.quant import quantize
-from arctl.quant.activations import fake_quantize_activation, static_input_scale
-from arctl.quant.floating import fake_quantize_mx
+from arctl.quant.activations import fake_quantize_activation, runtime_mx_exponent, static_input_scale
+from arctl.quant.floating import fake_quantize_mx, mx_exponent
 from arctl.quant.rounding import fp8_e4m3_codes, fp8_e4m3_values
 from arctl.rpc.convert import plan_to_proto
 from arctl.schemes import PRESETS, ActQuant, Scheme, get_scheme
@@ -101,11 +101,24 @@ def test_fp8_dynamic_scales_each_token_to_its_own_max() -> None:
     assert torch.allclose(out, x, rtol=0.07, atol=1e-6)
 
 
-def test_mx_activations_are_mx_quantized_rows() -> None:
-    x = _inputs()
-    for name, bits in (("MXFP4_A4", 4), ("MXFP8_A8", 8)):
-        expected = fake_quantize_mx(x.reshape(-1, 64), Scheme("mxfp", bits, 32)).reshape(x.shape)
-        assert torch.equal(fake_quantize_activation(x, PRESETS[name].act), expected)
+@pytest.mark.parametrize(("name", "bits"), [("MXFP4_A4", 4), ("MXFP8_A8", 8)])
+def test_mx_activations_take_the_runtimes_exponent(name: str, bits: int) -> None:
+    # groups whose amax mantissa is below 1.75 quantize as MX weights do (OCP floor rule) ...
+    groups = torch.randn(6, 2, 32, generator=torch.Generator().manual_seed(1))
+    amax = groups.abs().amax(-1, keepdim=True)
+    low = groups * (1.5 * torch.exp2(torch.floor(torch.log2(amax))) / amax)
+    x = low.reshape(6, 64)
+    weight_rule = fake_quantize_mx(x, Scheme("mxfp", bits, 32))
+    assert torch.equal(fake_quantize_activation(x, PRESETS[name].act), weight_rule)
+    # ... from 1.75 on they take the next exponent, so nothing saturates
+    high = (low * (1.875 / 1.5)).reshape(6, 64)
+    exponent = runtime_mx_exponent(high.reshape(6, 2, 32), bits)
+    assert torch.equal(exponent, mx_exponent(high.reshape(6, 2, 32), bits) + 1)
+    # every amax is 3.75 (FP4) or 240 (E4M3) times 2**e: rounding errs at most half a grid step, 0.5 / 3.75
+    # or 8 / 240 of it, where the floor rule clips it from 7.5 to 6 (0.2) or from 480 to 448 (0.067)
+    grouped = high.reshape(6, 2, 32)
+    error = (fake_quantize_activation(high, PRESETS[name].act).reshape(6, 2, 32) - grouped).abs()
+    assert float((error / grouped.abs().amax(-1, keepdim=True)).max()) <= (0.5 / 3.75 if bits == 4 else 8 / 240) + 1e-6
 
 
 def test_nvfp4_activations_use_fp4_elements_under_block_scales() -> None:
