@@ -36,9 +36,10 @@ def install_input_quantizers(
 def activation_specs(
     quantized: Mapping[str, QuantizedTensor], prefix: str = ""
 ) -> dict[str, tuple[ActQuant, torch.Tensor | None]]:
-    """``{name without prefix: (act, input_scale)}`` of the layers whose scheme quantizes activations."""
+    """``{name without prefix: (act, input_scale)}`` of the layers whose scheme quantizes activations,
+    less static ones whose scale is not calibrated yet (a checkpoint has them all)."""
     return {
         name[len(prefix) :]: (qt.scheme.act, qt.input_scale)
         for name, qt in quantized.items()
-        if qt.scheme.act is not None and name.startswith(prefix)
+        if qt.scheme.act is not None and name.startswith(prefix) and (qt.scheme.act.dynamic or qt.input_scale is not None)
     }

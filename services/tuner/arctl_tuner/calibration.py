@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from arctl.activation_hooks import install_input_quantizers
+from arctl.activation_hooks import activation_specs, install_input_quantizers
 from arctl.plan import LayerPlan
 from arctl.quant import QuantizedTensor, dequantize
 from arctl.quant.activations import static_input_scale
@@ -34,14 +34,7 @@ def fake_quantized(
                 else:
                     value = linear.weight.to(torch.bfloat16)
                 linear.weight.copy_(value.to(linear.weight.dtype))
-        handles = install_input_quantizers(
-            module,
-            {
-                name[len(prefix):]: (qt.scheme.act, qt.input_scale)
-                for name, qt in quantized.items()
-                if qt.scheme.act is not None and (qt.scheme.act.dynamic or qt.input_scale is not None)
-            },
-        )
+        handles = install_input_quantizers(module, activation_specs(quantized, prefix))
         yield
     finally:
         for handle in handles:
