@@ -20,6 +20,7 @@ from arctl.tasks.registry import UnknownTaskError
 from arctl_cli.evaluate import EvalOptionError
 from arctl_cli.report import ReportError
 from arctl_exporter.errors import ExportError
+from arctl_exporter.registry import UnknownFormatError
 from arctl_planner.budget import BudgetError
 from arctl_tuner.config import TuneConfigError
 from arctl_tuner.resume import ResumeMismatchError
@@ -42,6 +43,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ResumeMismatchError,
     SchemeShapeError,
     TuneConfigError,
+    UnknownFormatError,
     UnknownSchemeError,
     UnknownTaskError,
     UnsafeModelError,

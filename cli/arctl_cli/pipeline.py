@@ -18,7 +18,7 @@ from arctl.logs import get_logger
 from arctl.models import LoadedModel, load_checkpoint_model
 from arctl.plan import Plan
 from arctl.progress import Progress, ProgressCallback
-from arctl_exporter.engine import export
+from arctl_exporter.engine import check_plan, export
 from arctl_tuner.config import TuneConfig
 from arctl_tuner.engine import default_work_dir, tune_model
 
@@ -126,7 +126,10 @@ def run_quantize(
 ) -> QuantizeReport:
     """Quantize (round to nearest), export and evaluate into ``out_dir``, all or nothing: the folder
     appears only when every step has finished. Tuned blocks wait in ``<out>.partial`` so that a
-    killed run continues with ``resume``."""
+    killed run continues with ``resume``. A plan a requested format cannot hold is refused first
+    (``ExportError``), before anything is quantized or written."""
+    if formats:
+        check_plan(formats, plan)
     eval_text = wikitext2_test_text(evaluation.data_dir) if evaluation is not None else ""
     seconds: dict[str, float] = {}
     out_dir = Path(out_dir)

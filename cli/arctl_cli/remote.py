@@ -62,6 +62,7 @@ from arctl_cli.pipeline import (
     folder_bytes,
     plan_summary,
 )
+from arctl_exporter.engine import check_plan
 from arctl_exporter.server import run as run_exporter
 from arctl_planner.engine import CALIBRATION_NSAMPLES, CALIBRATION_SEED, REFINE_EVALUATIONS
 from arctl_planner.server import run as run_planner
@@ -274,6 +275,8 @@ def run_quantize_remote(
     seconds: dict[str, float] = {}
     with _stubs(addresses, settings or client_settings()) as (planner, tuner, exporter), atomic_directory(out_dir) as tmp:
         plan = remote_plan(planner, reference, choice, progress)
+        if formats:
+            check_plan(formats, plan)  # in-process, as the exporter would refuse it after the tuning
         started = time.perf_counter()
         # The tuner writes beside the output under a stable name, so its work folder of finished
         # blocks (<staged>.partial) outlives an interrupted run and --resume continues from it.

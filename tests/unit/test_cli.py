@@ -7,15 +7,19 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from arctl.checkpoint import read_checkpoint
+from arctl.models import load_model
 from arctl.progress import Progress, ProgressCallback
+from arctl.schemes import get_scheme
 from arctl_cli.main import app
 from arctl_cli.pipeline import tune_from_settings
+from arctl_planner.engine import plan_uniform
 from tests.services.checks import folder_differences
 
 runner = CliRunner()
@@ -123,6 +127,47 @@ def test_unknown_scheme_lists_valid_names(tiny_model_dir: Path, tmp_path: Path) 
 def test_unknown_format_lists_valid_names(tiny_model_dir: Path, tmp_path: Path) -> None:
     result = run("quantize", "--model", str(tiny_model_dir), "--format", "onnx", "--out", str(tmp_path / "o"))
     assert_one_line_error(result, "unknown format 'onnx'", "auto_round")
+
+
+def _must_not_quantize(*_args, **_kwargs):
+    raise AssertionError("quantized a plan the export format refuses")
+
+
+@pytest.mark.parametrize(
+    "scheme, fmt, reason",
+    [("NVFP4_A4", "auto_round", "NVFP4_A4 cannot be written as auto_round:auto_gptq (it quantizes activations"),
+     ("MXFP4", "auto_gptq", "MXFP4 cannot be written as auto_gptq (INT only)")],
+)
+def test_quantize_refuses_a_plan_the_format_cannot_hold_before_quantizing(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str, fmt: str, reason: str
+) -> None:
+    monkeypatch.setattr("arctl_cli.pipeline.tune_from_settings", _must_not_quantize)
+    out = tmp_path / "run"
+    result = run("quantize", "--model", str(tiny_model_dir), "--scheme", scheme, "-f", fmt, "--no-eval", "--out", str(out))
+    assert_one_line_error(result, reason, "use compressed-tensors")
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary or partial folder either
+
+
+def test_remote_quantize_refuses_a_plan_the_format_cannot_hold_before_tuning(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @contextmanager
+    def no_stubs(*_args):
+        yield None, None, None
+
+    def planned(_stub, model, choice, _progress):
+        return plan_uniform(load_model(model), get_scheme(choice.scheme))
+
+    monkeypatch.setattr("arctl_cli.remote._stubs", no_stubs)
+    monkeypatch.setattr("arctl_cli.remote.remote_plan", planned)
+    monkeypatch.setattr("arctl_cli.remote.remote_tune", _must_not_quantize)
+    out = tmp_path / "run"
+    services = ["--planner", "127.0.0.1:1", "--tuner", "127.0.0.1:2", "--exporter", "127.0.0.1:3"]
+    result = run("quantize", "--model", str(tiny_model_dir), "--scheme", "NVFP4_A4", "-f", "gguf", "--no-eval",
+                 "--out", str(out), *services)
+    assert_one_line_error(result, "NVFP4_A4 cannot be written as gguf (it quantizes activations")
+    assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_unreadable_data_folder(tiny_model_dir: Path, tmp_path: Path) -> None:

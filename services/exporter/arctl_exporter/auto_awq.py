@@ -34,10 +34,10 @@ import torch
 
 from arctl.atomic import atomic_directory
 from arctl.checkpoint import QuantizedCheckpoint
-from arctl.plan import LayerPlan
+from arctl.plan import LayerPlan, Plan
 from arctl.quant import QuantizedTensor, dequantize
 from arctl_exporter import hf_folder, packing
-from arctl_exporter.errors import ExportError, ExportVerificationError
+from arctl_exporter.errors import ExportVerificationError, join_problems
 
 FORMAT_NAME = "auto_awq"
 QUANT_METHOD = "awq"
@@ -68,12 +68,11 @@ def layer_problem(layer: LayerPlan, blocks: list[str]) -> str | None:
 
 
 def uniformity_problems(layers: tuple[LayerPlan, ...]) -> list[str]:
-    """AWQ's config holds one group size: name every quantized layer that differs from the first."""
+    """AWQ's config holds one group size: name every quantized layer that differs from the first (or say
+    that none is quantized)."""
     quantized = [layer for layer in layers if layer.scheme.quantized]
     if not quantized:
-        raise ExportError(
-            f"the plan quantizes no layer: nothing to write as {FORMAT_NAME}; keep the source model"
-        )
+        return [f"the plan quantizes no layer: nothing to write as {FORMAT_NAME}; keep the source model"]
     lead = quantized[0]
     return [
         f"{layer.name}: group size {layer.scheme.group_size} differs from {lead.scheme.group_size} of {lead.name}; "
@@ -187,13 +186,17 @@ class AutoAwqWriter:
     int_bits = (4,)
     runtimes = ("transformers", "vllm", "sglang")
 
-    def check(self, checkpoint: QuantizedCheckpoint) -> None:
-        layers = checkpoint.plan.layers
-        blocks = hf_folder.blocks_of(layers)
+    def plan_problems(self, plan: Plan) -> list[str]:
+        """Every layer of ``plan`` this format cannot hold; else every one breaking the single group size."""
+        blocks = hf_folder.blocks_of(plan.layers)
         # One bits/group size for the model and qzeros read for every layer: a fused group mixing sym and
         # asym INT4 runs as one kernel without harm, so no fused-group rule beyond uniformity.
-        hf_folder.join_problems([problem for layer in layers if (problem := layer_problem(layer, blocks))])
-        hf_folder.join_problems(uniformity_problems(layers))
+        problems = [problem for layer in plan.layers if (problem := layer_problem(layer, blocks))]
+        return problems or uniformity_problems(plan.layers)
+
+    def check(self, checkpoint: QuantizedCheckpoint) -> None:
+        """Raise ExportError listing every layer this format cannot hold (the plan tells it all)."""
+        join_problems(self.plan_problems(checkpoint.plan))
 
     def write(self, checkpoint: QuantizedCheckpoint, out_dir: Path) -> Path:
         """Write, verify and rename into ``out_dir``; on any failure nothing is left behind."""

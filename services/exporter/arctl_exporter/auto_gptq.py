@@ -45,12 +45,12 @@ import torch
 
 from arctl.atomic import atomic_directory
 from arctl.checkpoint import QuantizedCheckpoint
-from arctl.plan import LayerPlan
+from arctl.plan import LayerPlan, Plan
 from arctl.quant import QuantizedTensor, dequantize
 from arctl.schemes import PER_CHANNEL, Scheme
 from arctl_exporter import hf_folder, packing
 from arctl_exporter.auto_round import fused_group_problems
-from arctl_exporter.errors import ExportError, ExportVerificationError
+from arctl_exporter.errors import ExportError, ExportVerificationError, join_problems
 
 FORMAT_NAME = "auto_gptq"
 QUANT_METHOD = "gptq"
@@ -99,23 +99,29 @@ def _scheme_entry(scheme: Scheme) -> dict[str, Any]:
     return {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym}
 
 
+def config_problem(layers: tuple[LayerPlan, ...]) -> str | None:
+    """Why no GPTQ ``quantization_config`` can describe ``layers`` (nothing quantized, no numbered blocks), or None."""
+    if not any(layer.scheme.quantized for layer in layers):
+        return f"the plan quantizes no layer: nothing to write as {FORMAT_NAME}; keep the source model"
+    if not hf_folder.blocks_of(layers):
+        return (
+            f"no planned layer lies in numbered blocks (e.g. model.layers.N): {FORMAT_NAME} needs them; "
+            "use compressed-tensors"
+        )
+    return None
+
+
 def quantization_config(layers: tuple[LayerPlan, ...], float_names: list[str]) -> dict[str, Any]:
     """The GPTQ ``quantization_config`` for a plan whose layers pass ``layer_problem``.
 
     ``float_names``: the checkpoint's other 2-D ``.weight`` tensors; one inside the blocks that the
     plan does not list gets a ``-:`` rule, so loaders leave it a plain Linear.
     """
+    problem = config_problem(layers)
+    if problem is not None:
+        raise ExportError(problem)
     quantized = [layer for layer in layers if layer.scheme.quantized]
-    if not quantized:
-        raise ExportError(
-            f"the plan quantizes no layer: nothing to write as {FORMAT_NAME}; keep the source model"
-        )
     blocks = hf_folder.blocks_of(layers)
-    if not blocks:
-        raise ExportError(
-            f"no planned layer lies in numbered blocks (e.g. model.layers.N): {FORMAT_NAME} needs them; "
-            "use compressed-tensors"
-        )
     inside = [layer for layer in quantized if hf_folder.in_blocks(layer.name, blocks)] or quantized
     default = Counter(layer.scheme for layer in inside).most_common(1)[0][0]
     planned = {layer.name for layer in layers}
@@ -240,17 +246,19 @@ class AutoGptqWriter:
     int_bits = (2, 3, 4, 8)
     runtimes = ("transformers", "vllm", "sglang")
 
+    def plan_problems(self, plan: Plan) -> list[str]:
+        """Every layer (and fused group) of ``plan`` this format cannot hold; else why no config can describe it."""
+        problems = [problem for layer in plan.layers if (problem := layer_problem(layer))]
+        problems += fused_group_problems(plan.layers)
+        if not problems and (problem := config_problem(plan.layers)) is not None:
+            problems.append(problem)
+        return problems
+
     def check(self, checkpoint: QuantizedCheckpoint) -> None:
         """Raise ExportError listing every layer this format cannot hold (plan, then data)."""
-        layers = checkpoint.plan.layers
-        problems = [problem for layer in layers if (problem := layer_problem(layer))]
-        problems += fused_group_problems(layers)
-        hf_folder.join_problems(problems)
-        quantization_config(layers, [])
+        join_problems(self.plan_problems(checkpoint.plan))
         quantized = checkpoint.quantized_tensors()
-        hf_folder.join_problems(
-            [problem for name, qt in quantized.items() if (problem := data_problem(name, qt))]
-        )
+        join_problems([problem for name, qt in quantized.items() if (problem := data_problem(name, qt))])
 
     def write(self, checkpoint: QuantizedCheckpoint, out_dir: Path) -> Path:
         """Write, verify and rename into ``out_dir``; on any failure nothing is left behind."""

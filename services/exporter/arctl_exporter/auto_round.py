@@ -47,11 +47,11 @@ from safetensors.torch import load_file, save_file
 
 from arctl.atomic import atomic_directory
 from arctl.checkpoint import MANIFEST, QUANTIZED_FILE, TENSORS_FILE, CheckpointError, QuantizedCheckpoint
-from arctl.plan import LayerPlan
+from arctl.plan import LayerPlan, Plan
 from arctl.quant import QuantizedTensor, dequantize
 from arctl.schemes import PER_CHANNEL, Scheme
 from arctl_exporter import packing
-from arctl_exporter.errors import ExportError, ExportVerificationError
+from arctl_exporter.errors import ExportError, ExportVerificationError, join_problems
 
 FORMAT_NAME = "auto_round"
 QUANT_METHOD = "auto-round"
@@ -111,6 +111,22 @@ def fused_group_problems(layers: tuple[LayerPlan, ...]) -> list[str]:
     return problems
 
 
+def config_problem(layers: tuple[LayerPlan, ...]) -> str | None:
+    """Why no ``quantization_config`` can describe ``layers`` (nothing quantized, no numbered blocks), or None."""
+    if not any(layer.scheme.quantized for layer in layers):
+        return f"the plan quantizes no layer: nothing to write as {PACKING_FORMAT}; keep the source model"
+    if not _blocks(layers):
+        return (
+            f"no planned layer lies in numbered blocks (e.g. model.layers.N): {PACKING_FORMAT} needs "
+            "block_name_to_quantize; use compressed-tensors"
+        )
+    return None
+
+
+def _blocks(layers: tuple[LayerPlan, ...]) -> list[str]:
+    return sorted({prefix for layer in layers if (prefix := block_prefix(layer.name)) is not None})
+
+
 def block_prefix(name: str) -> str | None:
     """The repeated-block list a layer lives in: ``model.layers.3.mlp.up_proj`` -> ``model.layers``;
     None for a layer outside numbered blocks (``lm_head``)."""
@@ -162,17 +178,11 @@ def quantization_config(layers: tuple[LayerPlan, ...], float_names: list[str]) -
     ``float_names`` are the checkpoint's other tensors: a 2-D ``.weight`` inside the blocks that the
     plan does not list is marked unquantized too, so the loader leaves it a plain Linear.
     """
+    problem = config_problem(layers)
+    if problem is not None:
+        raise ExportError(problem)
     quantized = [layer for layer in layers if layer.scheme.quantized]
-    if not quantized:
-        raise ExportError(
-            f"the plan quantizes no layer: nothing to write as {PACKING_FORMAT}; keep the source model"
-        )
-    blocks = sorted({prefix for layer in layers if (prefix := block_prefix(layer.name)) is not None})
-    if not blocks:
-        raise ExportError(
-            f"no planned layer lies in numbered blocks (e.g. model.layers.N): {PACKING_FORMAT} needs "
-            "block_name_to_quantize; use compressed-tensors"
-        )
+    blocks = _blocks(layers)
     in_block = [layer for layer in quantized if _in_blocks(layer.name, blocks)] or quantized
     default = Counter(layer.scheme for layer in in_block).most_common(1)[0][0]
     extra: dict[str, dict[str, Any]] = {}
@@ -362,15 +372,17 @@ class AutoRoundWriter:
 
     name = FORMAT_NAME
 
+    def plan_problems(self, plan: Plan) -> list[str]:
+        """Every layer (and fused group) of ``plan`` this format cannot hold; else why no config can describe it."""
+        problems = [problem for layer in plan.layers if (problem := layer_problem(layer))]
+        problems += fused_group_problems(plan.layers)
+        if not problems and (problem := config_problem(plan.layers)) is not None:
+            problems.append(problem)
+        return problems
+
     def check(self, checkpoint: QuantizedCheckpoint) -> None:
-        """Raise ExportError listing every layer this format cannot hold."""
-        layers = checkpoint.plan.layers
-        problems = [problem for layer in layers if (problem := layer_problem(layer))]
-        problems += fused_group_problems(layers)
-        if problems:
-            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise ExportError("; ".join(problems[:5]) + more)
-        quantization_config(layers, [])
+        """Raise ExportError listing every layer this format cannot hold (the plan tells it all)."""
+        join_problems(self.plan_problems(checkpoint.plan))
 
     def write(self, checkpoint: QuantizedCheckpoint, out_dir: Path) -> Path:
         """Write, verify and rename into ``out_dir``; on any failure nothing is left behind."""

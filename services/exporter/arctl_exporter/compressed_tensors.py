@@ -67,12 +67,12 @@ from safetensors import safe_open
 
 from arctl.atomic import atomic_directory
 from arctl.checkpoint import QuantizedCheckpoint
-from arctl.plan import LayerPlan
+from arctl.plan import LayerPlan, Plan
 from arctl.quant import QuantizedTensor, dequantize
 from arctl.schemes import PER_CHANNEL, ActQuant, Scheme
 from arctl_exporter import hf_folder, packing
 from arctl_exporter.auto_round import fused_group_problems
-from arctl_exporter.errors import ExportError, ExportVerificationError
+from arctl_exporter.errors import ExportError, ExportVerificationError, join_problems
 
 FORMAT_NAME = "compressed-tensors"
 QUANT_METHOD = "compressed-tensors"
@@ -239,13 +239,19 @@ def input_scale_fused_problems(layers: tuple[LayerPlan, ...], quantized: dict[st
     return problems
 
 
+def config_problem(layers: tuple[LayerPlan, ...]) -> str | None:
+    """Why no ``quantization_config`` can describe ``layers`` (nothing quantized), or None."""
+    if not any(layer.scheme.quantized for layer in layers):
+        return f"the plan quantizes no layer: nothing to write as {FORMAT_NAME}; keep the source model"
+    return None
+
+
 def quantization_config(layers: tuple[LayerPlan, ...], float_names: list[str]) -> dict[str, Any]:
     """The ``quantization_config``: one group per scheme (most common first), ``ignore`` the rest."""
+    problem = config_problem(layers)
+    if problem is not None:
+        raise ExportError(problem)
     quantized = [layer for layer in layers if layer.scheme.quantized]
-    if not quantized:
-        raise ExportError(
-            f"the plan quantizes no layer: nothing to write as {FORMAT_NAME}; keep the source model"
-        )
     order = [scheme for scheme, _ in Counter(layer.scheme for layer in quantized).most_common()]
     groups: dict[str, Any] = {}
     for index, scheme in enumerate(order):
@@ -471,19 +477,24 @@ class CompressedTensorsWriter:
     int_bits = (2, 3, 4, 5, 6, 8)
     runtimes = ("transformers", "vllm", "sglang")
 
+    def plan_problems(self, plan: Plan) -> list[str]:
+        """Every layer (and fused group) of ``plan`` this format cannot hold; else why no config can describe it."""
+        problems = [problem for layer in plan.layers if (problem := layer_problem(layer))]
+        problems += fused_group_problems(plan.layers)  # vLLM and SGLang refuse a fused module whose shards differ
+        if not problems and (problem := config_problem(plan.layers)) is not None:
+            problems.append(problem)
+        return problems
+
     def check(self, checkpoint: QuantizedCheckpoint) -> None:
+        """Raise ExportError for what the plan shows, then for what only the data shows (NVFP4 global
+        scales and input scales of fused groups)."""
+        join_problems(self.plan_problems(checkpoint.plan))
         layers = checkpoint.plan.layers
-        problems = [problem for layer in layers if (problem := layer_problem(layer))]
-        problems += fused_group_problems(layers)  # vLLM and SGLang refuse a fused module whose shards differ
-        hf_folder.join_problems(problems)
-        quantization_config(layers, [])
         nvfp4_fused = any(layer.scheme.dtype == "nvfp" and layer.fused_group for layer in layers)
         static_act = any(input_part(layer.scheme) for layer in layers)
         if nvfp4_fused or static_act:
             quantized = checkpoint.quantized_tensors()
-            hf_folder.join_problems(
-                nvfp4_fused_problems(layers, quantized) + input_scale_fused_problems(layers, quantized)
-            )
+            join_problems(nvfp4_fused_problems(layers, quantized) + input_scale_fused_problems(layers, quantized))
 
     def write(self, checkpoint: QuantizedCheckpoint, out_dir: Path) -> Path:
         """Write, verify and rename into ``out_dir``; on any failure nothing is left behind."""

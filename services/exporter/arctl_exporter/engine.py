@@ -5,7 +5,41 @@ from __future__ import annotations
 from pathlib import Path
 
 from arctl.checkpoint import read_checkpoint
-from arctl_exporter.registry import get_writer
+from arctl.plan import Plan
+from arctl_exporter.errors import join_problems
+from arctl_exporter.registry import Writer, get_writer
+
+
+def writers_for(formats: list[str]) -> list[Writer]:
+    """The writers of ``formats``, in order.
+
+    Raises:
+        ValueError: no format, or one given twice.
+        UnknownFormatError: a format name no writer handles.
+    """
+    if not formats:
+        raise ValueError("no export format given")
+    duplicates = sorted({name for name in formats if formats.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"export format(s) given twice: {', '.join(duplicates)}")
+    return [get_writer(name) for name in formats]
+
+
+def check_plan(formats: list[str], plan: Plan) -> None:
+    """Refuse, before anything is quantized, a plan that ``export`` would refuse for ``formats``.
+
+    Raises the ``ExportError`` the export's check would raise for what the plan shows (layer schemes
+    and shapes, fused groups); what only quantized data shows (zero points, NVFP4 global scales,
+    calibrated input scales) and, for gguf, the model's architecture and tokenizer are still checked
+    at export.
+
+    Raises:
+        ValueError: no format, or one given twice.
+        UnknownFormatError: a format name no writer handles.
+        ExportError: the first requested format that cannot hold ``plan``.
+    """
+    for writer in writers_for(formats):
+        join_problems(writer.plan_problems(plan))
 
 
 def export(checkpoint_path: Path, formats: list[str], out_dir: Path) -> dict[str, Path]:
@@ -24,13 +58,8 @@ def export(checkpoint_path: Path, formats: list[str], out_dir: Path) -> dict[str
         ExportError: the checkpoint holds a layer a requested format cannot represent.
         ExportVerificationError: a written folder did not read back as the checkpoint (a bug).
     """
-    if not formats:
-        raise ValueError("no export format given")
-    duplicates = sorted({name for name in formats if formats.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"export format(s) given twice: {', '.join(duplicates)}")
+    writers = writers_for(formats)
     checkpoint = read_checkpoint(Path(checkpoint_path))
-    writers = [get_writer(name) for name in formats]
     for writer in writers:
         writer.check(checkpoint)
     out_dir = Path(out_dir)

@@ -52,16 +52,17 @@ from safetensors import safe_open
 
 from arctl.atomic import atomic_directory
 from arctl.checkpoint import TENSORS_FILE, QuantizedCheckpoint
-from arctl.plan import LayerPlan
+from arctl.plan import LayerPlan, Plan
 from arctl.quant import QuantizedTensor, dequantize
 from arctl.schemes import Scheme
 from arctl_exporter import ggml_kquants
-from arctl_exporter.errors import ExportError, ExportVerificationError
+from arctl_exporter.errors import ExportError, ExportVerificationError, join_problems
 
 FORMAT_NAME = "gguf"
 MODEL_FILE = "model.gguf"
 ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
 MODEL_TYPES = {"llama", "mistral"}
+GGML_BLOCK = 32  # inputs per block of every ggml type the writer uses
 Q = gguf.GGMLQuantizationType
 K_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 K_BY_BITS = {2: Q.Q2_K, 3: Q.Q3_K, 4: Q.Q4_K, 5: Q.Q5_K, 6: Q.Q6_K, 8: Q.Q8_0}
@@ -333,6 +334,20 @@ class _Entry:
     layer: LayerPlan | None
 
 
+def layer_problem(layer: LayerPlan) -> str | None:
+    """Why planned ``layer`` cannot be written in a GGUF file, or None if its plan can be."""
+    scheme = layer.scheme
+    head = f"{layer.name}: {scheme.name} cannot be written as {FORMAT_NAME}"
+    if scheme.act is not None:
+        return f"{head} (it quantizes activations; GGUF stores weights only); use compressed-tensors"
+    in_features = layer.shape[1]
+    if scheme.quantized and in_features % GGML_BLOCK:
+        return (
+            f"{head} (in_features {in_features} is not a multiple of {GGML_BLOCK}, ggml's block); use compressed-tensors"
+        )
+    return None
+
+
 def _entries(checkpoint: QuantizedCheckpoint, model: _Model) -> list[_Entry]:
     planned = {f"{layer.name}.weight": layer for layer in checkpoint.plan.layers}
     with safe_open(str(checkpoint.path / TENSORS_FILE), framework="pt") as handle:
@@ -358,21 +373,12 @@ def _entries(checkpoint: QuantizedCheckpoint, model: _Model) -> list[_Entry]:
             )
             continue
         layer = planned.get(hf_name)
-        if layer is not None and layer.scheme.act is not None:
-            problems.append(
-                f"{layer.name}: {layer.scheme.name} cannot be written as gguf (it quantizes activations; GGUF stores "
-                "weights only); use compressed-tensors"
-            )
-            continue
         if layer is not None:
-            in_features = layer.shape[1]
-            if layer.scheme.quantized and in_features % 32:
-                problems.append(
-                    f"{layer.name}: {layer.scheme.name} cannot be written as gguf (in_features {in_features} is not a "
-                    "multiple of 32, ggml's block); use compressed-tensors"
-                )
+            problem = layer_problem(layer)
+            if problem is not None:
+                problems.append(problem)
                 continue
-            choice = ggml_type(layer.scheme, in_features)
+            choice = ggml_type(layer.scheme, layer.shape[1])
             entries.append(_Entry(gguf_name, hf_name, choice.qtype, choice.keeps_codes, layer))
             continue
         source = (
@@ -381,9 +387,7 @@ def _entries(checkpoint: QuantizedCheckpoint, model: _Model) -> list[_Entry]:
         shape, dtype = float_info[source]
         qtype = Q.F32 if len(shape) == 1 else (Q.BF16 if dtype == "BF16" else Q.F16)
         entries.append(_Entry(gguf_name, hf_name, qtype, True, None))
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ExportError("; ".join(problems[:5]) + more)
+    join_problems(problems)
     return entries
 
 
@@ -479,7 +483,13 @@ class GgufWriter:
     int_bits = (2, 3, 4, 5, 6, 8)
     runtimes = ("llama.cpp",)
 
+    def plan_problems(self, plan: Plan) -> list[str]:
+        """Every planned layer a GGUF file cannot hold (the architecture and tokenizer are checked on the checkpoint)."""
+        return [problem for layer in plan.layers if (problem := layer_problem(layer))]
+
     def check(self, checkpoint: QuantizedCheckpoint) -> None:
+        """Raise ExportError for what the plan shows, then for the architecture, tensor names and tokenizer."""
+        join_problems(self.plan_problems(checkpoint.plan))
         model = _model(checkpoint.config())
         _entries(checkpoint, model)
         tokenizer_file = checkpoint.path / "tokenizer.json"

@@ -35,13 +35,6 @@ FUSED_LEAVES = {
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def join_problems(problems: list[str]) -> None:
-    """Raise one ExportError listing the first five problems (and how many more); nothing if none."""
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ExportError("; ".join(problems[:5]) + more)
-
-
 def blocks_of(layers: Iterable[LayerPlan]) -> list[str]:
     """The repeated-block lists the planned layers live in, e.g. ``["model.layers"]``."""
     return sorted({prefix for layer in layers if (prefix := block_prefix(layer.name)) is not None})

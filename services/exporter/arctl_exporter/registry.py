@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from arctl.checkpoint import QuantizedCheckpoint
+from arctl.plan import Plan
 from arctl_exporter.auto_awq import AutoAwqWriter
 from arctl_exporter.auto_gptq import AutoGptqWriter
 from arctl_exporter.auto_round import AutoRoundWriter
@@ -21,11 +22,15 @@ class UnknownFormatError(ValueError):
 class Writer(Protocol):
     """Writes a QuantizedCheckpoint in one format.
 
-    ``check`` raises ``ExportError`` for anything the format cannot hold and writes nothing;
+    ``plan_problems`` lists what the format cannot hold that the plan alone shows (layer schemes and
+    shapes, fused groups), so a run can be refused before it quantizes; ``check`` raises ``ExportError``
+    for those first (the same message), then for what only the checkpoint shows, and writes nothing;
     ``write`` writes ``out_dir`` completely (verified) or not at all and returns it.
     """
 
     name: str
+
+    def plan_problems(self, plan: Plan) -> list[str]: ...
 
     def check(self, checkpoint: QuantizedCheckpoint) -> None: ...
 
