@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from arctl.data import CalibrationSet
 from arctl.models import LoadedModel, decoder_blocks, load_checkpoint_model
 from arctl.plan import LayerPlan, Plan
 from arctl.progress import Progress
+from arctl.quant import quantize
 from arctl.schemes import get_scheme
 from arctl_planner.engine import plan_uniform
 from arctl_tuner import engine
@@ -278,3 +280,24 @@ def test_nvfp4_fused_groups_share_one_global_scale(iters: int, tmp_path: Path) -
         # a layer outside any fused group keeps its own
         o_proj = loaded.model.get_submodule(f"{block}.self_attn.o_proj").weight
         assert float(quantized[f"{block}.self_attn.o_proj"].global_scale) == pytest.approx(448 * 6 / float(o_proj.abs().max()))
+
+
+def test_in_mixed_blocks_layers_above_tune_max_bits_keep_round_to_nearest() -> None:
+    block, name, layers, inputs, targets = _first_block_problem("W8A16G32")
+    mixed = [
+        LayerPlan(layer.name, layer.shape, get_scheme("W2A16G32" if layer.name.endswith("o_proj") else "W8A16G32"))
+        for layer in layers
+    ]
+    config = TuneConfig(iters=10, batch_size=4, nsamples=8, seqlen=32, dtype="float32", tune_max_bits=4)
+    quantized, stats = tune_block(block, name, mixed, inputs.hidden, targets, inputs.kwargs, config, seed=0)
+    for layer in mixed:
+        rtn = quantize(block.get_submodule(layer.name[len(name) + 1:]).weight, layer.scheme)
+        same = torch.equal(quantized[layer.name].codes, rtn.codes) and torch.equal(quantized[layer.name].scales, rtn.scales)
+        assert same == (layer.scheme.bits == 8), layer.name  # only the 2-bit o_proj was tuned
+    assert stats.loss_after < stats.loss_before
+    # a block without layers of at most tune_max_bits bits is tuned whole
+    wide = [LayerPlan(layer.name, layer.shape, get_scheme("W3A16G32")) for layer in layers]
+    tuned, _ = tune_block(block, name, wide, inputs.hidden, targets, inputs.kwargs, replace(config, tune_max_bits=2), seed=0)
+    for layer in wide:
+        rtn = quantize(block.get_submodule(layer.name[len(name) + 1:]).weight, layer.scheme)
+        assert not torch.equal(tuned[layer.name].codes, rtn.codes), layer.name

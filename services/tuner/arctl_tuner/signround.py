@@ -8,7 +8,8 @@ size. The loss of iteration ``t`` belongs to the parameters before step ``t``; t
 the lowest loss are kept (AutoRound's "best iteration"). In blocks whose quantized layers all have
 at least ``config.holdout_min_bits`` bits, the last ``config.holdout`` of the samples are held out of
 training instead, and the kept parameters are those with the lowest MSE on them, measured before the
-first step, every ``iters // HOLDOUT_CHECKS`` steps and after the last one. Layers with static
+first step, every ``iters // HOLDOUT_CHECKS`` steps and after the last one. In a block with layers
+of at most ``config.tune_max_bits`` bits, wider layers are not tuned (round to nearest). Layers with static
 activation quantization get their input scale from the largest input the float block gives them on
 the quantized stream, before tuning, and are tuned behind their quantized inputs.
 """
@@ -114,6 +115,12 @@ def tune_block(
     for name, scale in fused_nvfp4_global_scales(block, prefix, layers).items():
         tunables[name[len(prefix):]].global_scale = scale
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    mixed = any(t.scheme.bits <= config.tune_max_bits for t in tunables.values())
+    trained = {name: t for name, t in tunables.items() if not mixed or t.scheme.bits <= config.tune_max_bits}
+    for name, tunable in tunables.items():
+        if name not in trained:
+            for param in (*tunable.rounding_params(), *tunable.clipping_params()):
+                param.requires_grad_(False)
     search_clip = config.search_init_clip and config.enable_minmax_tuning
     calibrate = [name for name, t in tunables.items() if t.scheme.act is not None and t.scheme.act.static]
     if search_clip or calibrate:
@@ -124,9 +131,9 @@ def tune_block(
             tunables[name].input_scale = static_input_scale(statistics[name].amax, act)
         if search_clip:
             candidates = torch.linspace(CLIP_SEARCH_LOW, 1.0, CLIP_SEARCH_STEPS)
-            for name, tunable in tunables.items():
+            for name, tunable in trained.items():
                 tunable.search_clipping(statistics[name].second_moment, candidates)
-    lowest_bits = min((t.scheme.bits for t in tunables.values()), default=0)
+    lowest_bits = min((t.scheme.bits for t in trained.values()), default=0)
     held = config.holdout_count(q_inputs.shape[0]) if lowest_bits >= config.holdout_min_bits else 0
     train = q_inputs.shape[0] - held
     sampler = CyclicSampler(train, config.batch_size, seed)
@@ -142,12 +149,15 @@ def tune_block(
             best_loss, best_iter = value, step
             best = {name: t.snapshot() for name, t in tunables.items()}
 
+    iters = config.iters if trained else 0
     with swapped(block, tunables):
-        for step in range(config.iters + 1):
+        if not trained:
+            consider(float(_mse(run_block(block, q_inputs, kwargs, config.batch_size, dtype), targets)), 0)
+        for step in range(iters + 1):
             if held and step in checks:
                 held_out = run_block(block, q_inputs[train:], kwargs, config.batch_size, dtype)
                 consider(float(_mse(held_out, targets[train:])), step)
-            if step == config.iters:
+            if step == iters:
                 break
             batch = sampler.next()
             with _autocast(dtype):
@@ -156,7 +166,7 @@ def tune_block(
             loss.backward()
             if not held:
                 consider(float(loss.detach()), step)
-            for tunable in tunables.values():
+            for tunable in trained.values():
                 bits = tunable.scheme.bits
                 signed_step(tunable.rounding_params(), linear_decay(config.lr_for_bits(bits), step, config.iters))
                 clipping = tunable.clipping_params()
