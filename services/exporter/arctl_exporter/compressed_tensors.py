@@ -42,9 +42,9 @@ own preset, and a calibrated scale into one more tensor per layer:
 
 The weights keep their rows above (FP8: per channel, where the ``FP8`` preset has one scale per
 tensor; vLLM runs channel weights with static per-tensor inputs). Runtimes compute the dynamic scales
-themselves: compressed-tensors rounds an MX group's amax at E2M1 precision before taking its exponent
-(the scale doubles when the amax mantissa is >= 1.75), where arctl's fake quantization takes the
-OCP floor; its FP8 and NVFP4 input quantization computes what ours does (the tests compare both).
+themselves, and arctl's fake quantization of activations computes what compressed-tensors' does (the
+tests compare logits), MX included: the group's amax is rounded to one mantissa bit before its
+exponent is taken (``arctl.quant.activations.runtime_mx_exponent``).
 
 The layers of a fused group (q/k/v, gate/up) must share one scheme, NVFP4 ones one global scale, and
 static-activation ones one input scale: vLLM and SGLang run the group as one module.
