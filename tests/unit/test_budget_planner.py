@@ -166,6 +166,13 @@ def test_bad_keep_rules() -> None:
         plan(6.0, keep=parse_keep(["*.q_proj=W8A16G64", "*.k_proj=W4A16G64"], get_scheme))
 
 
+def test_activation_schemes_are_refused_as_candidates_and_keep_rules() -> None:
+    with pytest.raises(BudgetError, match="weight quantization only, not FP8_STATIC, NVFP4_A4"):
+        plan_for_budget(LAYERS, [W4, get_scheme("NVFP4_A4"), get_scheme("FP8_STATIC")], 4.5, error, "m", "sha")
+    with pytest.raises(BudgetError, match="not MXFP4_A4"):
+        plan(4.5, keep=parse_keep(["*.down_proj=MXFP4_A4"], get_scheme))
+
+
 def test_runtime_filters() -> None:
     assert runtime_allows("sglang", W4) and not runtime_allows("sglang", get_scheme("MXFP4"))
     assert not runtime_allows("sglang", get_scheme("W4A16G64_ASYM"))

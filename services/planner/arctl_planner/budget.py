@@ -136,6 +136,12 @@ def build_problem(
     keep: Sequence[tuple[str, Scheme]] = (),
 ) -> BudgetProblem:
     """Items (one per fused group or lone layer) with their options' true bits and summed loss."""
+    with_activations = sorted({s.name for s in (*schemes, *(scheme for _, scheme in keep)) if s.act is not None})
+    if with_activations:
+        raise BudgetError(
+            f"the planner measures weight quantization only, not {', '.join(with_activations)} (activation "
+            "quantization): plan weight-only schemes, or quantize every layer with one such scheme (--scheme)"
+        )
     groups: dict[str, list[LayerInfo]] = defaultdict(list)
     for layer in layers:
         groups[layer.fused_group or layer.name].append(layer)
