@@ -171,6 +171,9 @@ def test_activation_schemes_are_refused_as_candidates_and_keep_rules() -> None:
         plan_for_budget(LAYERS, [W4, get_scheme("NVFP4_A4"), get_scheme("FP8_STATIC")], 4.5, error, "m", "sha")
     with pytest.raises(BudgetError, match="not MXFP4_A4"):
         plan(4.5, keep=parse_keep(["*.down_proj=MXFP4_A4"], get_scheme))
+    # a uniform plan of one such scheme is fine (arctl quantize --scheme FP8_STATIC)
+    loaded = LoadedModel(tiny_llama(), None, "tiny", "sha")
+    assert {layer.scheme.name for layer in plan_uniform(loaded, get_scheme("FP8_STATIC")).layers} == {"FP8_STATIC"}
 
 
 def test_runtime_filters() -> None:

@@ -128,20 +128,29 @@ class BudgetProblem:
         )
 
 
-def build_problem(
-    layers: Sequence[LayerInfo],
-    schemes: Sequence[Scheme],
-    error: ErrorFn,
-    runtime: str = "any",
-    keep: Sequence[tuple[str, Scheme]] = (),
-) -> BudgetProblem:
-    """Items (one per fused group or lone layer) with their options' true bits and summed loss."""
+def refuse_activation_schemes(schemes: Sequence[Scheme], keep: Sequence[tuple[str, Scheme]] = ()) -> None:
+    """``BudgetError`` naming the schemes with activation quantization among ``schemes`` and ``keep``:
+    the planner's sensitivity and refinement measure weight quantization only."""
     with_activations = sorted({s.name for s in (*schemes, *(scheme for _, scheme in keep)) if s.act is not None})
     if with_activations:
         raise BudgetError(
             f"the planner measures weight quantization only, not {', '.join(with_activations)} (activation "
             "quantization): plan weight-only schemes, or quantize every layer with one such scheme (--scheme)"
         )
+
+
+def build_problem(
+    layers: Sequence[LayerInfo],
+    schemes: Sequence[Scheme],
+    error: ErrorFn,
+    runtime: str = "any",
+    keep: Sequence[tuple[str, Scheme]] = (),
+    activations_allowed: bool = False,
+) -> BudgetProblem:
+    """Items (one per fused group or lone layer) with their options' true bits and summed loss;
+    schemes with activation quantization only when ``activations_allowed`` (a uniform plan)."""
+    if not activations_allowed:
+        refuse_activation_schemes(schemes, keep)
     groups: dict[str, list[LayerInfo]] = defaultdict(list)
     for layer in layers:
         groups[layer.fused_group or layer.name].append(layer)

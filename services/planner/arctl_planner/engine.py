@@ -18,6 +18,7 @@ from arctl_planner.budget import (
     ErrorFn,
     average_bits,
     build_problem,
+    refuse_activation_schemes,
     solve_budgets,
 )
 from arctl_planner.measure import reference_log_probs
@@ -119,6 +120,7 @@ def plan_model(
     """One plan per target of ``request`` for ``loaded.model``."""
     if request.sensitivity not in SENSITIVITIES:
         raise BudgetError(f"unknown sensitivity {request.sensitivity!r}; valid: {', '.join(SENSITIVITIES)}")
+    refuse_activation_schemes(list(request.schemes or ()), request.keep)  # before the sensitivity pass
     layers = quantizable_layers(loaded.model)
     if request.sensitivity == "fisher":
         if calibration_ids is None:
@@ -151,7 +153,7 @@ def plan_uniform(loaded: LoadedModel, scheme: Scheme) -> Plan:
     Built directly, not by the budget solver: its table may round costs up, which can make the
     exact uniform budget look unreachable (NVFP4, channel-wise schemes)."""
     layers = quantizable_layers(loaded.model)
-    build_problem(layers, [scheme], lambda *_: 0.0)  # the same fit checks as a budgeted plan
+    build_problem(layers, [scheme], lambda *_: 0.0, activations_allowed=True)  # a budgeted plan's fit checks
     return Plan(
         model_id=loaded.model_id,
         model_sha256=loaded.sha256,
