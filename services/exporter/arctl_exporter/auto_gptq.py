@@ -49,7 +49,7 @@ from arctl.plan import LayerPlan, Plan
 from arctl.quant import QuantizedTensor, dequantize
 from arctl.schemes import PER_CHANNEL, Scheme
 from arctl_exporter import hf_folder, packing
-from arctl_exporter.auto_round import fused_group_problems
+from arctl_exporter.auto_round import sharded_plan_problems
 from arctl_exporter.errors import ExportError, ExportVerificationError, join_problems
 
 FORMAT_NAME = "auto_gptq"
@@ -248,11 +248,7 @@ class AutoGptqWriter:
 
     def plan_problems(self, plan: Plan) -> list[str]:
         """Every layer (and fused group) of ``plan`` this format cannot hold; else why no config can describe it."""
-        problems = [problem for layer in plan.layers if (problem := layer_problem(layer))]
-        problems += fused_group_problems(plan.layers)
-        if not problems and (problem := config_problem(plan.layers)) is not None:
-            problems.append(problem)
-        return problems
+        return sharded_plan_problems(plan.layers, layer_problem, config_problem)
 
     def check(self, checkpoint: QuantizedCheckpoint) -> None:
         """Raise ExportError listing every layer this format cannot hold (plan, then data)."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,20 +95,41 @@ def layer_problem(layer: LayerPlan) -> str | None:
     return None
 
 
+def with_group_lead(
+    layers: Iterable[LayerPlan], include: Callable[[LayerPlan], bool] = lambda _layer: True
+) -> Iterator[tuple[LayerPlan, LayerPlan]]:
+    """``(layer, lead)`` for every included layer of a fused group, ``lead`` the group's first included
+    layer (itself for the first): what the checks that a group's layers agree compare."""
+    first: dict[str, LayerPlan] = {}
+    for layer in layers:
+        if layer.fused_group is not None and include(layer):
+            yield layer, first.setdefault(layer.fused_group, layer)
+
+
 def fused_group_problems(layers: tuple[LayerPlan, ...]) -> list[str]:
     """Layers of one fused group (q/k/v, gate/up, one MoE layer's experts) with different schemes:
     SGLang runs such a group as one kernel and refuses a checkpoint that mixes them."""
-    first: dict[str, LayerPlan] = {}
     problems = []
-    for layer in layers:
-        if layer.fused_group is None:
-            continue
-        lead = first.setdefault(layer.fused_group, layer)
+    for layer, lead in with_group_lead(layers):
         if layer.scheme != lead.scheme:
             problems.append(
                 f"{layer.name}: {layer.scheme.name} differs from {lead.scheme.name} of {lead.name} in fused group "
                 f"{layer.fused_group}; SGLang runs the group as one kernel: plan one scheme for it"
             )
+    return problems
+
+
+def sharded_plan_problems(
+    layers: tuple[LayerPlan, ...],
+    layer_problem: Callable[[LayerPlan], str | None],
+    config_problem: Callable[[tuple[LayerPlan, ...]], str | None],
+) -> list[str]:
+    """Every layer's ``layer_problem`` and the fused groups' (runtimes refuse a fused module whose
+    shards differ); with none, why no config can describe the plan (``config_problem``)."""
+    problems = [problem for layer in layers if (problem := layer_problem(layer))]
+    problems += fused_group_problems(layers)
+    if not problems and (problem := config_problem(layers)) is not None:
+        problems.append(problem)
     return problems
 
 
@@ -374,11 +396,7 @@ class AutoRoundWriter:
 
     def plan_problems(self, plan: Plan) -> list[str]:
         """Every layer (and fused group) of ``plan`` this format cannot hold; else why no config can describe it."""
-        problems = [problem for layer in plan.layers if (problem := layer_problem(layer))]
-        problems += fused_group_problems(plan.layers)
-        if not problems and (problem := config_problem(plan.layers)) is not None:
-            problems.append(problem)
-        return problems
+        return sharded_plan_problems(plan.layers, layer_problem, config_problem)
 
     def check(self, checkpoint: QuantizedCheckpoint) -> None:
         """Raise ExportError listing every layer this format cannot hold (the plan tells it all)."""

@@ -71,7 +71,7 @@ from arctl.plan import LayerPlan, Plan
 from arctl.quant import QuantizedTensor, dequantize
 from arctl.schemes import PER_CHANNEL, ActQuant, Scheme
 from arctl_exporter import hf_folder, packing
-from arctl_exporter.auto_round import fused_group_problems
+from arctl_exporter.auto_round import sharded_plan_problems, with_group_lead
 from arctl_exporter.errors import ExportError, ExportVerificationError, join_problems
 
 FORMAT_NAME = "compressed-tensors"
@@ -196,12 +196,8 @@ def layer_problem(layer: LayerPlan) -> str | None:
 
 def nvfp4_fused_problems(layers: tuple[LayerPlan, ...], quantized: dict[str, QuantizedTensor]) -> list[str]:
     """NVFP4 layers of one fused group whose global scales differ."""
-    first: dict[str, LayerPlan] = {}
     problems = []
-    for layer in layers:
-        if layer.fused_group is None or layer.scheme.dtype != "nvfp":
-            continue
-        lead = first.setdefault(layer.fused_group, layer)
+    for layer, lead in with_group_lead(layers, lambda layer: layer.scheme.dtype == "nvfp"):
         mine, theirs = quantized[layer.name].global_scale, quantized[lead.name].global_scale
         if mine is not None and theirs is not None and not torch.equal(mine, theirs):
             problems.append(
@@ -214,22 +210,23 @@ def nvfp4_fused_problems(layers: tuple[LayerPlan, ...], quantized: dict[str, Qua
 
 def input_scale_fused_problems(layers: tuple[LayerPlan, ...], quantized: dict[str, QuantizedTensor]) -> list[str]:
     """Layers with static activations of one fused group whose calibrated input scales differ (or are missing)."""
-    first: dict[str, LayerPlan] = {}
+    static = [layer for layer in layers if input_part(layer.scheme) is not None]
+    calibrated = [layer for layer in static if quantized[layer.name].input_scale is not None]
+    lead_of = {layer.name: lead for layer, lead in with_group_lead(calibrated)}
     problems = []
-    for layer in layers:
-        if input_part(layer.scheme) is None:
-            continue
+    for layer in static:
         mine = quantized[layer.name].input_scale
         if mine is None:
             problems.append(
                 f"{layer.name}: {layer.scheme.name} has no calibrated input scale; re-run the tuner with calibration data"
             )
             continue
-        if layer.fused_group is None:
+        if layer.name not in lead_of:
             continue
-        lead = first.setdefault(layer.fused_group, layer)
+        lead = lead_of[layer.name]
         theirs = quantized[lead.name].input_scale
-        if theirs is not None and not torch.equal(mine, theirs):
+        assert theirs is not None
+        if not torch.equal(mine, theirs):
             alternative = ", or use FP8_DYNAMIC" if layer.scheme.dtype == "fp8" else ""
             problems.append(
                 f"{layer.name}: {layer.scheme.name} input scale {float(mine[0]):.6g} differs from {float(theirs[0]):.6g} "
@@ -479,11 +476,7 @@ class CompressedTensorsWriter:
 
     def plan_problems(self, plan: Plan) -> list[str]:
         """Every layer (and fused group) of ``plan`` this format cannot hold; else why no config can describe it."""
-        problems = [problem for layer in plan.layers if (problem := layer_problem(layer))]
-        problems += fused_group_problems(plan.layers)  # vLLM and SGLang refuse a fused module whose shards differ
-        if not problems and (problem := config_problem(plan.layers)) is not None:
-            problems.append(problem)
-        return problems
+        return sharded_plan_problems(plan.layers, layer_problem, config_problem)
 
     def check(self, checkpoint: QuantizedCheckpoint) -> None:
         """Raise ExportError for what the plan shows, then for what only the data shows (NVFP4 global
