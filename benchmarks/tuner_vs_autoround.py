@@ -22,7 +22,9 @@ preset with ``act_bits=16``: the preset also quantizes activations (dynamic MXFP
 so auto-round is made weight-only to match arctl's weight-only ``MXFP4``. arctl's presets with
 activation quantization (``NVFP4_A4``, ``MXFP4_A4``, ``FP8_STATIC``, ...) run ``rtn`` and ``arctl`` only
 (``--out`` elsewhere than the main results): static activation scales are calibrated on the same
-calibration samples, and the evaluation quantizes the inputs as the checkpoint says. Everything else in auto-round
+calibration samples, and the evaluation quantizes the inputs as the checkpoint says. ``--lm-head`` quantizes the
+output layer too, with the same scheme (``rtn`` and ``arctl`` only: auto-round 0.16.1 resets
+``quant_lm_head`` to false when the embeddings are tied, as SmolLM2's are). Everything else in auto-round
 stays at its defaults (amp: the whole model cast to bfloat16 on CPU; torch.compile: on unless it
 turns it off itself, e.g. for iters < 10; low_cpu_mem_usage: on, which it turns off itself for a
 dense in-memory model; lr 1/iters; min-max tuning; best iteration) and what it actually used is
@@ -336,7 +338,7 @@ def worker_rtn(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     loaded = load_float(work, resolve_device(args.device))
     rss_after_load = ru_maxrss_mb()
-    plan = plan_uniform(loaded, get_scheme(args.scheme))
+    plan = plan_uniform(loaded, get_scheme(args.scheme), args.lm_head)
     out_dir = work / f"rtn-{args.scheme}"
     shutil.rmtree(out_dir, ignore_errors=True)
     # static activation scales are calibrated on the tuners' calibration samples
@@ -371,7 +373,7 @@ def worker_arctl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         calibration = dataclasses.replace(calibration, input_ids=calibration.input_ids.to(device))
     rss_after_load = ru_maxrss_mb()
     started = time.perf_counter()
-    plan = plan_uniform(loaded, get_scheme(args.scheme))
+    plan = plan_uniform(loaded, get_scheme(args.scheme), args.lm_head)
     plan_s = time.perf_counter() - started
     config = TuneConfig(
         iters=args.iters,
@@ -614,6 +616,8 @@ def run_step(
         command += [f"--{flag}", value]
     if args.validate_export:
         command.append("--validate-export")
+    if args.lm_head:
+        command.append("--lm-head")
     log(f"start {kind} {scheme or ''}")
     busy_before, children_before = cpu_busy_seconds(), children_cpu_seconds()
     loadavg_before = os.getloadavg()
@@ -720,6 +724,7 @@ def run_parent(args: argparse.Namespace) -> None:
         "eval_tokens": prepared["eval_tokens"],
         "device": prepared.get("device"),
         "schemes": schemes,
+        "lm_head": "quantized with the row's scheme" if args.lm_head else "float (tied to the embeddings)",
         "cpu_defaults": CPU_DEFAULTS,
         "arctl": "arctl_tuner.engine.tune_model, TuneConfig defaults except nsamples/seqlen/iters/batch_size/seed",
         "autoround": "auto-round AutoRound(model, tokenizer, scheme, dataset=[LongTensor[1, seqlen]], iters, "
@@ -756,6 +761,9 @@ def run_parent(args: argparse.Namespace) -> None:
             if method == "autoround" and autoround_scheme(name) is None:
                 row[method] = {"skipped": "activation quantization: auto-round's result is not evaluated with it here"}
                 continue
+            if method == "autoround" and args.lm_head:
+                row[method] = {"skipped": "auto-round 0.16.1 does not quantize a lm_head tied to the embeddings"}
+                continue
             row[method] = run_step(method, args, work, name)
         inputs = {
             method: {key: row[method][key] for key in ("checkpoint", "weights") if key in row[method]}
@@ -776,8 +784,9 @@ def run_parent(args: argparse.Namespace) -> None:
         row["peak_ratio"] = ratio(a.get("peak_mb"), b.get("peak_mb"))
         row["ppl_ratio"] = ratio(a.get("ppl"), b.get("ppl"))
         row["kl_ratio"] = ratio(a.get("kl"), b.get("kl"))
-        if all(isinstance(x.get("ppl"), float) for x in (a, b, rtn)):
+        if all(isinstance(x.get("ppl"), float) for x in (a, rtn)):
             row["arctl_beats_rtn"] = a["ppl"] < rtn["ppl"] and a["kl"] < rtn["kl"]
+        if all(isinstance(x.get("ppl"), float) for x in (a, b, rtn)):
             row["autoround_beats_rtn"] = b["ppl"] < rtn["ppl"] and b["kl"] < rtn["kl"]
             row["arctl_ppl_le_autoround"] = a["ppl"] <= b["ppl"]
         payload["rows"].append(row)
@@ -822,6 +831,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--validate-export", action="store_true", help="check auto-round's weights against its own packer"
     )
+    parser.add_argument("--lm-head", action="store_true", help="quantize the output layer too (rtn and arctl only)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--scheme", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)

@@ -56,6 +56,10 @@ RuntimeOpt = Annotated[
     str | None, typer.Option("--for", help="Runtime the plan must run on: sglang, gguf, compressed-tensors, any.")
 ]
 KeepOpt = Annotated[list[str] | None, typer.Option("--keep", help="Fix layers: GLOB=SCHEME (repeatable).")]
+HeadOpt = Annotated[
+    bool,
+    typer.Option("--lm-head/--no-lm-head", help="Quantize the output layer too: planned, measured and counted in the average like the others."),
+]
 SensitivityOpt = Annotated[
     str, typer.Option("--sensitivity", help="fisher (predicted KL from calibration data) or weight (no data).")
 ]
@@ -125,6 +129,7 @@ def plan_command(
     schemes: SchemesOpt = None,
     runtime: RuntimeOpt = None,
     keep: KeepOpt = None,
+    head: HeadOpt = False,
     sensitivity: SensitivityOpt = "fisher",
     refine: RefineOpt = REFINE_EVALUATIONS,
     dataset: DatasetOpt = "wikitext2",
@@ -133,12 +138,12 @@ def plan_command(
 ) -> None:
     """Choose a scheme per layer for a target true average bit-width (or size, or several budgets),
     with the least predicted KL to the float model."""
-    build_request((4.5,), schemes, runtime or "any", keep or [], sensitivity)
+    build_request((4.5,), schemes, runtime or "any", keep or [], sensitivity, head=head)
     with render.progress_bars(enabled=not as_json) as progress:
         progress(render.stage("load", f"loading {model}"))
         loaded = load_model(model)
-        targets = resolve_targets(loaded, avg_bits, max_size, pareto)
-        request = build_request(targets, schemes, runtime or "any", keep or [], sensitivity, refine)
+        targets = resolve_targets(loaded, avg_bits, max_size, pareto, head)
+        request = build_request(targets, schemes, runtime or "any", keep or [], sensitivity, refine, head)
         plans = make_plans(loaded, request, dataset, data_dir, progress)
     if pareto is None:
         plans[0].save(out)
@@ -164,6 +169,7 @@ def quantize_command(
     schemes: SchemesOpt = None,
     runtime: RuntimeOpt = None,
     keep: KeepOpt = None,
+    head: HeadOpt = False,
     sensitivity: SensitivityOpt = "fisher",
     refine: RefineOpt = REFINE_EVALUATIONS,
     plan_file: Annotated[Path | None, typer.Option("--plan", help="A plan.json from `arctl plan`.")] = None,
@@ -196,12 +202,14 @@ def quantize_command(
     if len(chosen) > 1:
         raise fail("give only one of --avg-bits, --scheme and --plan")
     uniform = get_scheme(scheme) if scheme is not None else None
-    request = build_request((avg_bits or 4.5,), schemes, runtime_for(formats, runtime), keep or [], sensitivity, refine)
+    if head and plan_file is not None:
+        raise fail("--lm-head does not apply to --plan: the plan says whether the output layer is quantized")
+    request = build_request((avg_bits or 4.5,), schemes, runtime_for(formats, runtime), keep or [], sensitivity, refine, head)
     addresses = remote.ServiceAddresses.given(planner, tuner, exporter)
     if addresses is not None:
         choice = remote.PlanChoice(
             plan_file, scheme, avg_bits, tuple(n.strip() for n in (schemes or "").split(",") if n.strip()),
-            runtime_for(formats, runtime), tuple(keep or ()), sensitivity, dataset, refine,
+            runtime_for(formats, runtime), tuple(keep or ()), sensitivity, dataset, refine, head,
         )
         tuning_remote = remote.RemoteTuning(recipe_name, iters, nsamples, seqlen, batch_size, lr, seed, dataset, resume)
         evaluation = EvalSettings(eval_seqlen, eval_windows or None, data_dir) if evaluate else None
@@ -219,7 +227,7 @@ def quantize_command(
         if plan_file is not None:
             plan = Plan.load(plan_file)
         elif uniform is not None:
-            plan = plan_uniform(loaded, uniform)
+            plan = plan_uniform(loaded, uniform, head)
         else:
             plan = make_plans(loaded, request, dataset, data_dir, progress)[0]
         settings = EvalSettings(eval_seqlen, eval_windows or None, data_dir) if evaluate else None

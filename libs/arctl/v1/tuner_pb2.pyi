@@ -36,7 +36,6 @@ class TuneRequest(_message.Message):
     RECIPE_FIELD_NUMBER: _builtins.int
     CALIBRATION_DATA_FIELD_NUMBER: _builtins.int
     RESUME_FIELD_NUMBER: _builtins.int
-    QUANTIZE_LM_HEAD_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The full-precision model: a local HF folder, a GGUF file, or a hub id."""
     iters: _builtins.int
@@ -56,8 +55,6 @@ class TuneRequest(_message.Message):
     """
     resume: _builtins.bool
     """Continue from the last finished block found in output instead of starting over."""
-    quantize_lm_head: _builtins.bool
-    """Also quantize lm_head when the plan gives it a quantized scheme (otherwise it is kept)."""
     @_builtins.property
     def plan_ref(self) -> _common_pb2.ArtifactRef: ...
     @_builtins.property
@@ -86,11 +83,10 @@ class TuneRequest(_message.Message):
         recipe: _builtins.str = ...,
         calibration_data: _common_pb2.ArtifactRef | None = ...,
         resume: _builtins.bool = ...,
-        quantize_lm_head: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_iters", b"_iters", "_lr", b"_lr", "_nsamples", b"_nsamples", "_seed", b"_seed", "_seqlen", b"_seqlen", "batch_size", b"batch_size", "calibration_data", b"calibration_data", "iters", b"iters", "lr", b"lr", "nsamples", b"nsamples", "output", b"output", "plan", b"plan", "plan_ref", b"plan_ref", "plan_source", b"plan_source", "seed", b"seed", "seqlen", b"seqlen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_iters", b"_iters", "_lr", b"_lr", "_nsamples", b"_nsamples", "_seed", b"_seed", "_seqlen", b"_seqlen", "batch_size", b"batch_size", "calibration_data", b"calibration_data", "iters", b"iters", "lr", b"lr", "model", b"model", "nsamples", b"nsamples", "output", b"output", "plan", b"plan", "plan_ref", b"plan_ref", "plan_source", b"plan_source", "quantize_lm_head", b"quantize_lm_head", "recipe", b"recipe", "resume", b"resume", "seed", b"seed", "seqlen", b"seqlen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_iters", b"_iters", "_lr", b"_lr", "_nsamples", b"_nsamples", "_seed", b"_seed", "_seqlen", b"_seqlen", "batch_size", b"batch_size", "calibration_data", b"calibration_data", "iters", b"iters", "lr", b"lr", "model", b"model", "nsamples", b"nsamples", "output", b"output", "plan", b"plan", "plan_ref", b"plan_ref", "plan_source", b"plan_source", "recipe", b"recipe", "resume", b"resume", "seed", b"seed", "seqlen", b"seqlen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015

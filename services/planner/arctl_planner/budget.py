@@ -76,7 +76,8 @@ def _fixed_schemes(layers: Sequence[LayerInfo], keep: Sequence[tuple[str, Scheme
     for pattern, scheme in keep:
         matched = [layer for layer in layers if fnmatch.fnmatchcase(layer.name, pattern)]
         if not matched:
-            raise BudgetError(f"--keep {pattern!r} matches no quantizable layer (e.g. {layers[0].name})")
+            hint = "; the output layer is planned only with --lm-head" if fnmatch.fnmatchcase("lm_head", pattern) else ""
+            raise BudgetError(f"--keep {pattern!r} matches no quantizable layer (e.g. {layers[0].name}){hint}")
         for layer in matched:
             if not scheme.fits(layer.shape[1]):
                 raise BudgetError(f"--keep {pattern}: {scheme.name} does not fit {layer.name} (in_features {layer.shape[1]})")

@@ -48,6 +48,7 @@ class PlanParams:
     seqlen: int | None  # None: the planner's default, capped at the model's context
     seed: int
     refine_evaluations: int = REFINE_EVALUATIONS
+    head: bool = False
 
     @property
     def uniform(self) -> Scheme | None:
@@ -60,7 +61,7 @@ class PlanParams:
         targets = ((own_target,) if own_target is not None else ()) + self.pareto
         return PlanRequest(
             targets=targets, schemes=self.schemes, runtime=self.runtime, keep=self.keep, sensitivity=self.sensitivity,
-            refine_evaluations=self.refine_evaluations,
+            head=self.head, refine_evaluations=self.refine_evaluations,
         )
 
 
@@ -116,6 +117,7 @@ def plan_params(request: planner_pb2.PlanRequest, artefacts: ArtefactPolicy) -> 
         seqlen=request.seqlen if request.HasField("seqlen") else None,
         seed=request.seed if request.HasField("seed") else CALIBRATION_SEED,
         refine_evaluations=request.refine_evaluations if request.HasField("refine_evaluations") else REFINE_EVALUATIONS,
+        head=request.plan_lm_head,
     )
 
 

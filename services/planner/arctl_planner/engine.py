@@ -57,7 +57,9 @@ def default_schemes() -> list[Scheme]:
 @dataclass(frozen=True)
 class PlanRequest:
     """What to plan: one or several target true average bits (a Pareto front from one measurement),
-    candidate schemes (None: ``default_schemes``), target runtime, fixed layers, and the
+    candidate schemes (None: ``default_schemes``), target runtime, fixed layers, whether the output
+    layer (``lm_head``) is planned (``head``: an item measured and chosen like the others and counted
+    in the average; otherwise it stays as the model has it, outside the average), and the
     sensitivity measure (``fisher``: predicted KL and LM-loss increase from calibration data; ``weight``: squared weight
     error, no data). With calibration data, each plan's real KL (round to nearest) is measured on
     ``measure_rows`` calibration rows and stored beside the predicted one, after up to
@@ -68,6 +70,7 @@ class PlanRequest:
     runtime: str = "any"
     keep: tuple[tuple[str, Scheme], ...] = ()
     sensitivity: str = "fisher"
+    head: bool = False
     measure_rows: int = 2
     refine_evaluations: int = REFINE_EVALUATIONS
     notes: dict[str, object] = field(default_factory=dict)
@@ -121,7 +124,7 @@ def plan_model(
     if request.sensitivity not in SENSITIVITIES:
         raise BudgetError(f"unknown sensitivity {request.sensitivity!r}; valid: {', '.join(SENSITIVITIES)}")
     refuse_activation_schemes(list(request.schemes or ()), request.keep)  # before the sensitivity pass
-    layers = quantizable_layers(loaded.model)
+    layers = quantizable_layers(loaded.model, with_head=request.head)
     if request.sensitivity == "fisher":
         if calibration_ids is None:
             raise BudgetError("fisher sensitivity needs calibration data")
@@ -147,12 +150,15 @@ def plan_model(
     return refined
 
 
-def plan_uniform(loaded: LoadedModel, scheme: Scheme) -> Plan:
-    """Every quantizable layer with ``scheme`` (``BudgetError`` naming a layer it does not fit).
+def plan_uniform(loaded: LoadedModel, scheme: Scheme, head: bool = False) -> Plan:
+    """Every quantizable layer (and the output layer when ``head``) with ``scheme`` (``BudgetError``
+    naming a layer it does not fit).
 
     Built directly, not by the budget solver: its table may round costs up, which can make the
     exact uniform budget look unreachable (NVFP4, channel-wise schemes)."""
-    layers = quantizable_layers(loaded.model)
+    layers = quantizable_layers(loaded.model, with_head=head)
+    if head and scheme.act is not None:
+        raise BudgetError(f"the output layer takes weight-only schemes, not {scheme.name} (activation quantization)")
     build_problem(layers, [scheme], lambda *_: 0.0, activations_allowed=True)  # a budgeted plan's fit checks
     return Plan(
         model_id=loaded.model_id,
@@ -163,10 +169,10 @@ def plan_uniform(loaded: LoadedModel, scheme: Scheme) -> Plan:
     )
 
 
-def target_bits_for_size(model: nn.Module, max_size_bytes: int) -> float:
-    """The average bits of the quantizable layers that keeps the whole model (other tensors at 16
-    bits, tied tensors once) within ``max_size_bytes``."""
-    layers = quantizable_layers(model)
+def target_bits_for_size(model: nn.Module, max_size_bytes: int, head: bool = False) -> float:
+    """The average bits of the quantizable layers (and the output layer when ``head``) that keeps the
+    whole model (other tensors at 16 bits, tied tensors once) within ``max_size_bytes``."""
+    layers = quantizable_layers(model, with_head=head)
     quantizable = {f"{layer.name}.weight" for layer in layers}
     seen: set[int] = set()
     other = 0

@@ -4,13 +4,14 @@ plans that differ in a few layers without rerunning the blocks before the first 
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any, Self
 
 import torch
 from torch import nn
 from torch.nn import functional
 
-from arctl.models import decoder_blocks
+from arctl.models import decoder_blocks, untied_output
 from arctl.plan import Plan
 from arctl.quant import fake_quantize
 from arctl.schemes import Scheme
@@ -73,7 +74,7 @@ class SwapMeasure:
     the same weights and the same inputs reach every block.
 
     Use as a context manager: the planned weights are applied in place on entry and the float
-    weights restored on exit. ``trial(changes)`` measures a change of schemes, then ``accept()`` or
+    weights restored on exit (an output layer tied to the embeddings is untied meanwhile). ``trial(changes)`` measures a change of schemes, then ``accept()`` or
     ``reject()`` it.
     """
 
@@ -88,9 +89,11 @@ class SwapMeasure:
         self.outputs: list[list[Any]] = []
         self.kl = float("nan")
         self._pending: tuple[dict[str, Scheme], dict[str, torch.Tensor], int, list[list[Any]], float] | None = None
+        self._untied = ExitStack()
 
     def __enter__(self) -> Self:
         try:
+            self._untied.enter_context(untied_output(self.model))  # the embeddings keep their float weight
             with torch.no_grad():
                 for name, scheme in self.schemes.items():
                     weight = self.model.get_submodule(name).weight
@@ -106,6 +109,7 @@ class SwapMeasure:
         with torch.no_grad():
             for name, weight in self.originals.items():
                 self.model.get_submodule(name).weight.copy_(weight)
+        self._untied.close()
 
     def _set(self, name: str, scheme: Scheme) -> None:
         weight = self.model.get_submodule(name).weight
@@ -115,7 +119,8 @@ class SwapMeasure:
     def _first_block(self, names: list[str]) -> int:
         starts = []
         for name in names:
-            index = next((i for i, (block, _) in enumerate(self.blocks) if name.startswith(f"{block}.")), 0)
+            # a layer outside the blocks (the output layer) changes nothing before it: replay them all
+            index = next((i for i, (block, _) in enumerate(self.blocks) if name.startswith(f"{block}.")), len(self.blocks))
             starts.append(index)
         return min(starts)
 

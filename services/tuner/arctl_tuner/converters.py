@@ -11,7 +11,7 @@ from arctl.data import LOCAL_DATASETS
 from arctl.plan import Plan
 from arctl.rpc import convert
 from arctl.rpc.artefacts import ArtefactPolicy
-from arctl.rpc.errors import InvalidArgument, Unsupported
+from arctl.rpc.errors import InvalidArgument
 from arctl.rpc.jobs import JobRecord, JobState
 from arctl.v1 import common_pb2, tuner_pb2
 from arctl_tuner.config import RECIPES, recipe
@@ -54,8 +54,6 @@ def tune_settings(request: tuner_pb2.TuneRequest, artefacts: ArtefactPolicy, dat
     lr = _optional(request, "lr")
     if lr is not None and not math.isfinite(lr):
         raise InvalidArgument(f"lr must be a finite number, got {lr}")
-    if request.quantize_lm_head:
-        raise Unsupported("quantize_lm_head is not supported yet: plans cover the decoder blocks")
     config = recipe(
         name,
         iters=_optional(request, "iters"),

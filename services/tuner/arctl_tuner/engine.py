@@ -4,7 +4,8 @@ For each decoder block in order:
 1. target = float block(float stream)            (the float stream's next value)
 2. tune the block's quantized layers on (quantized stream -> target)   [skipped if already on disk]
 3. quantized stream = block with the tuned fake-quantized weights(quantized stream)
-The model's weights are left as they were. Finished blocks are saved in a work folder, so a killed
+then, when the plan quantizes the output layer, tune it on the final norm of both streams
+(``arctl_tuner.head``). The model's weights are left as they were. Finished blocks are saved in a work folder, so a killed
 run continues with ``resume=True`` and gives the same checkpoint as an uninterrupted run (every
 block's sample order is seeded by ``seed + block index``). ``iters == 0`` is round-to-nearest.
 
@@ -24,12 +25,13 @@ from torch import nn
 
 from arctl.data import CalibrationSet
 from arctl.memory import release_free_memory
-from arctl.models import LoadedModel, decoder_blocks
+from arctl.models import LoadedModel, decoder_blocks, final_norm, output_layer_name
 from arctl.plan import LayerPlan, Plan
 from arctl.progress import Progress, ProgressCallback, ignore_progress
 from arctl_tuner.blocks import capture_block_inputs, run_block, tuning_attention
 from arctl_tuner.calibration import fake_quantized
 from arctl_tuner.config import TuneConfig, TuneConfigError
+from arctl_tuner.head import tune_head
 from arctl_tuner.resume import BlockStore, fingerprint
 from arctl_tuner.rtn import PlanMismatchError, check_plan_fits, quantize_rtn, write_quantized_checkpoint
 from arctl_tuner.signround import BlockStats, tune_block
@@ -41,13 +43,19 @@ def default_work_dir(out_dir: Path) -> Path:
     return out_dir.parent / f"{out_dir.name}.partial"
 
 
-def _layers_by_block(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module, list[LayerPlan]]]:
+Blocks = list[tuple[str, nn.Module, list[LayerPlan]]]
+
+
+def _layers_by_block(model: nn.Module, plan: Plan) -> tuple[Blocks, LayerPlan | None]:
+    """The planned layers of each decoder block, and the output layer's plan when it is quantized."""
     blocks = decoder_blocks(model)
     grouped = [(name, block, [l for l in plan.layers if l.name.startswith(f"{name}.")]) for name, block in blocks]
-    covered = sum(len(layers) for _, _, layers in grouped)
+    head_name = output_layer_name(model)
+    head = next((l for l in plan.layers if l.name == head_name), None)
+    covered = sum(len(layers) for _, _, layers in grouped) + (head is not None)
     if covered != len(plan.layers):
-        raise PlanMismatchError("the plan has layers outside the decoder blocks, which the tuner does not handle yet")
-    return grouped
+        raise PlanMismatchError("the plan has layers outside the decoder blocks and the output layer")
+    return grouped, head if head is not None and head.scheme.quantized else None
 
 
 def tune_model(
@@ -70,7 +78,7 @@ def tune_model(
     model = loaded.model
     check_plan_fits(model, plan)
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-    blocks = _layers_by_block(model, plan)
+    blocks, head = _layers_by_block(model, plan)
     settings = config.to_dict()
     store = BlockStore(
         work_dir or default_work_dir(out_dir),
@@ -78,8 +86,8 @@ def tune_model(
         resume,
     )
     with frozen_weights(model), tuning_attention(model, dtype):
-        block_stats = _tune_blocks(model, plan, config, calibration, progress, store, blocks, dtype)
-    quantized = store.load_all(len(blocks), plan)
+        block_stats = _tune_blocks(model, plan, config, calibration, progress, store, blocks, head, dtype)
+    quantized = store.load_all(len(blocks) + (head is not None), plan)
     metadata = {
         "method": "signround",
         **settings,
@@ -120,12 +128,15 @@ def _tune_blocks(
     calibration: CalibrationSet,
     progress: ProgressCallback,
     store: BlockStore,
-    blocks: list[tuple[str, nn.Module, list[LayerPlan]]],
+    blocks: Blocks,
+    head: LayerPlan | None,
     dtype: torch.dtype,
 ) -> list[dict[str, object]]:
-    """The block loop; returns per-block stats (losses only: no timings, so the checkpoint's
-    metadata does not depend on the run). Each block's quantized layers go to ``store`` and are not
-    kept in memory: on SmolLM2 holding them cost ~100 MB of peak memory by the last block."""
+    """The block loop, then the output layer; returns per-block stats (losses only: no timings, so
+    the checkpoint's metadata does not depend on the run). Each block's quantized layers go to
+    ``store`` and are not kept in memory: on SmolLM2 holding them cost ~100 MB of peak memory by the
+    last block."""
+    total = len(blocks) + (head is not None)
     inputs = capture_block_inputs(model, blocks[0][1], calibration.input_ids)
     fp_stream = q_stream = inputs.hidden
     block_stats: list[dict[str, object]] = []
@@ -144,13 +155,28 @@ def _tune_blocks(
         else:
             q_stream = targets
         fp_stream = targets
-        block_stats.append(
-            {"block": name, "loss_before": stats.loss_before, "loss_after": stats.loss_after, "best_iter": stats.best_iter}
-        )
+        block_stats.append(_stats_entry(name, stats))
         del tuned
         release_free_memory()  # glibc keeps the freed tuning temporaries: ~10 MB of RSS more per block
-        progress(_block_progress(index, len(blocks), name, stats, resumed=saved is not None))
+        progress(_block_progress(index, total, name, stats, resumed=saved is not None))
+    if head is not None:
+        index = len(blocks)
+        saved = store.load(index, plan)
+        if saved is None:
+            norm = final_norm(model)
+            with torch.no_grad():
+                q_inputs, inputs = norm(q_stream), norm(fp_stream)
+            tuned, stats = tune_head(model.get_submodule(head.name), head, q_inputs, inputs, config)
+            store.save(index, tuned, stats)
+        else:
+            stats = saved[1]
+        block_stats.append(_stats_entry(head.name, stats))
+        progress(_block_progress(index, total, head.name, stats, resumed=saved is not None))
     return block_stats
+
+
+def _stats_entry(name: str, stats: BlockStats) -> dict[str, object]:
+    return {"block": name, "loss_before": stats.loss_before, "loss_after": stats.loss_after, "best_iter": stats.best_iter}
 
 
 def _block_progress(index: int, total: int, name: str, stats: BlockStats, resumed: bool) -> Progress:

@@ -5,6 +5,8 @@ The engine: domain logic on torch modules, no gRPC. Output is a QuantizedCheckpo
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -12,7 +14,7 @@ from torch import nn
 
 import arctl
 from arctl.checkpoint import write_checkpoint
-from arctl.models import LoadedModel, quantizable_layers
+from arctl.models import LoadedModel, output_layer_name, output_tied, quantizable_layers
 from arctl.plan import LayerPlan, Plan
 from arctl.progress import Progress, ProgressCallback, ignore_progress
 from arctl.quant import QuantizedTensor, SchemeShapeError, quantize
@@ -25,11 +27,17 @@ class PlanMismatchError(ValueError):
 
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
-    """Every planned layer exists with the planned shape and its scheme tiles the rows."""
-    known = {layer.name: layer.shape for layer in quantizable_layers(model)}
+    """Every planned layer exists with the planned shape and its scheme tiles the rows; the output
+    layer takes weight-only schemes."""
+    head = output_layer_name(model)
+    known = {layer.name: layer.shape for layer in quantizable_layers(model, with_head=head is not None)}
     for layer in plan.layers:
         if layer.name not in known:
             raise PlanMismatchError(f"plan layer {layer.name} is not a quantizable layer of this model")
+        if layer.name == head and layer.scheme.act is not None:
+            raise PlanMismatchError(
+                f"the output layer {head} takes weight-only schemes, not {layer.scheme.name} (activation quantization)"
+            )
         if known[layer.name] != layer.shape:
             raise PlanMismatchError(f"plan layer {layer.name} has shape {layer.shape}, the model {known[layer.name]}")
         if not layer.scheme.fits(layer.shape[1]):
@@ -55,9 +63,18 @@ def fused_nvfp4_global_scales(module: nn.Module, prefix: str, layers: list[Layer
     return scales
 
 
-def write_model_files(loaded: LoadedModel, folder: Path) -> None:
-    """config.json, generation_config.json and the tokenizer files of the source model."""
-    loaded.model.config.save_pretrained(str(folder))
+def quantizes_head(model: nn.Module, quantized: Mapping[str, QuantizedTensor]) -> bool:
+    return output_layer_name(model) in quantized
+
+
+def write_model_files(loaded: LoadedModel, folder: Path, untie: bool = False) -> None:
+    """config.json (``tie_word_embeddings`` off when ``untie``: a quantized output layer has its own
+    weight), generation_config.json and the tokenizer files of the source model."""
+    config = loaded.model.config
+    if untie:
+        config = copy.deepcopy(config)
+        config.tie_word_embeddings = False
+    config.save_pretrained(str(folder))
     generation = getattr(loaded.model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(str(folder))
@@ -68,13 +85,15 @@ def write_model_files(loaded: LoadedModel, folder: Path) -> None:
 def checkpoint_float_tensors(
     model: nn.Module, plan: Plan, quantized: dict[str, QuantizedTensor]
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the model except the quantized layers' weights; BF16 layers cast to bfloat16."""
+    """Every tensor of the model except the quantized layers' weights; BF16 layers cast to bfloat16
+    (but a BF16 output layer tied to the embeddings stays their float weight)."""
     state = dict(model.state_dict())
+    tied_head = output_layer_name(model) if output_tied(model) else None
     for layer in plan.layers:
         key = f"{layer.name}.weight"
         if layer.name in quantized:
             del state[key]
-        elif not layer.scheme.quantized:
+        elif not layer.scheme.quantized and layer.name != tied_head:
             state[key] = state[key].detach().to(torch.bfloat16)
     return state
 
@@ -92,7 +111,7 @@ def write_quantized_checkpoint(
         plan,
         quantized,
         checkpoint_float_tensors(loaded.model, plan, quantized),
-        lambda folder: write_model_files(loaded, folder),
+        lambda folder: write_model_files(loaded, folder, untie=quantizes_head(loaded.model, quantized)),
         {
             **metadata,
             "source_model": {"id": loaded.model_id, "sha256": loaded.sha256},
