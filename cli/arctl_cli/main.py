@@ -60,6 +60,13 @@ HeadOpt = Annotated[
     bool,
     typer.Option("--lm-head/--no-lm-head", help="Quantize the output layer too: planned, measured and counted in the average like the others."),
 ]
+EmbeddingsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--embeddings/--no-embeddings",
+        help="Quantize the input embeddings too (GGUF / llama.cpp only; tied ones carry the output layer unless --lm-head).",
+    ),
+]
 SensitivityOpt = Annotated[
     str, typer.Option("--sensitivity", help="fisher (predicted KL from calibration data) or weight (no data).")
 ]
@@ -130,6 +137,7 @@ def plan_command(
     runtime: RuntimeOpt = None,
     keep: KeepOpt = None,
     head: HeadOpt = False,
+    embeddings: EmbeddingsOpt = False,
     sensitivity: SensitivityOpt = "fisher",
     refine: RefineOpt = REFINE_EVALUATIONS,
     dataset: DatasetOpt = "wikitext2",
@@ -138,12 +146,12 @@ def plan_command(
 ) -> None:
     """Choose a scheme per layer for a target true average bit-width (or size, or several budgets),
     with the least predicted KL to the float model."""
-    build_request((4.5,), schemes, runtime or "any", keep or [], sensitivity, head=head)
+    build_request((4.5,), schemes, runtime or "any", keep or [], sensitivity, head=head, embeddings=embeddings)
     with render.progress_bars(enabled=not as_json) as progress:
         progress(render.stage("load", f"loading {model}"))
         loaded = load_model(model)
-        targets = resolve_targets(loaded, avg_bits, max_size, pareto, head)
-        request = build_request(targets, schemes, runtime or "any", keep or [], sensitivity, refine, head)
+        targets = resolve_targets(loaded, avg_bits, max_size, pareto, head, embeddings)
+        request = build_request(targets, schemes, runtime or "any", keep or [], sensitivity, refine, head, embeddings)
         plans = make_plans(loaded, request, dataset, data_dir, progress)
     if pareto is None:
         plans[0].save(out)
@@ -170,6 +178,7 @@ def quantize_command(
     runtime: RuntimeOpt = None,
     keep: KeepOpt = None,
     head: HeadOpt = False,
+    embeddings: EmbeddingsOpt = False,
     sensitivity: SensitivityOpt = "fisher",
     refine: RefineOpt = REFINE_EVALUATIONS,
     plan_file: Annotated[Path | None, typer.Option("--plan", help="A plan.json from `arctl plan`.")] = None,
@@ -202,14 +211,16 @@ def quantize_command(
     if len(chosen) > 1:
         raise fail("give only one of --avg-bits, --scheme and --plan")
     uniform = get_scheme(scheme) if scheme is not None else None
-    if head and plan_file is not None:
-        raise fail("--lm-head does not apply to --plan: the plan says whether the output layer is quantized")
-    request = build_request((avg_bits or 4.5,), schemes, runtime_for(formats, runtime), keep or [], sensitivity, refine, head)
+    if (head or embeddings) and plan_file is not None:
+        raise fail("--lm-head and --embeddings do not apply to --plan: the plan says which layers are quantized")
+    request = build_request(
+        (avg_bits or 4.5,), schemes, runtime_for(formats, runtime), keep or [], sensitivity, refine, head, embeddings
+    )
     addresses = remote.ServiceAddresses.given(planner, tuner, exporter)
     if addresses is not None:
         choice = remote.PlanChoice(
             plan_file, scheme, avg_bits, tuple(n.strip() for n in (schemes or "").split(",") if n.strip()),
-            runtime_for(formats, runtime), tuple(keep or ()), sensitivity, dataset, refine, head,
+            runtime_for(formats, runtime), tuple(keep or ()), sensitivity, dataset, refine, head, embeddings,
         )
         tuning_remote = remote.RemoteTuning(recipe_name, iters, nsamples, seqlen, batch_size, lr, seed, dataset, resume)
         evaluation = EvalSettings(eval_seqlen, eval_windows or None, data_dir) if evaluate else None
@@ -227,7 +238,7 @@ def quantize_command(
         if plan_file is not None:
             plan = Plan.load(plan_file)
         elif uniform is not None:
-            plan = plan_uniform(loaded, uniform, head)
+            plan = plan_uniform(loaded, uniform, head, embeddings)
         else:
             plan = make_plans(loaded, request, dataset, data_dir, progress)[0]
         settings = EvalSettings(eval_seqlen, eval_windows or None, data_dir) if evaluate else None

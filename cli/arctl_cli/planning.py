@@ -53,17 +53,18 @@ def runtime_for(formats: list[str], explicit: str | None) -> str:
 
 def build_request(
     targets: tuple[float, ...], schemes: str | None, runtime: str, keep: list[str], sensitivity: str,
-    refine_evaluations: int = REFINE_EVALUATIONS, head: bool = False,
+    refine_evaluations: int = REFINE_EVALUATIONS, head: bool = False, embeddings: bool = False,
 ) -> PlanRequest:
     parsed = tuple(get_scheme(name) for name in schemes.split(",") if name.strip()) if schemes else None
     return PlanRequest(
         targets=targets, schemes=parsed, runtime=runtime, keep=tuple(parse_keep(keep, get_scheme)), sensitivity=sensitivity,
-        head=head, refine_evaluations=refine_evaluations,
+        head=head, embeddings=embeddings, refine_evaluations=refine_evaluations,
     )
 
 
 def resolve_targets(
-    loaded: LoadedModel, avg_bits: float | None, max_size: str | None, pareto: str | None, head: bool = False
+    loaded: LoadedModel, avg_bits: float | None, max_size: str | None, pareto: str | None, head: bool = False,
+    embeddings: bool = False,
 ) -> tuple[float, ...]:
     given = [x for x in (avg_bits, max_size, pareto) if x is not None]
     if len(given) > 1:
@@ -71,7 +72,7 @@ def resolve_targets(
     if pareto is not None:
         return parse_budgets(pareto)
     if max_size is not None:
-        return (target_bits_for_size(loaded.model, parse_size(max_size), head),)
+        return (target_bits_for_size(loaded.model, parse_size(max_size), head, embeddings),)
     return (4.5 if avg_bits is None else avg_bits,)
 
 

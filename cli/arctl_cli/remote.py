@@ -161,10 +161,13 @@ class PlanChoice:
     dataset: str = "wikitext2"
     refine_evaluations: int = REFINE_EVALUATIONS
     head: bool = False
+    embeddings: bool = False
 
     def request(self, model: str) -> planner_pb2.PlanRequest:
         if self.scheme is not None:
-            return planner_pb2.PlanRequest(model=model, candidate_schemes=[self.scheme], plan_lm_head=self.head)
+            return planner_pb2.PlanRequest(
+                model=model, candidate_schemes=[self.scheme], plan_lm_head=self.head, plan_embeddings=self.embeddings
+            )
         dataset = self.dataset if self.dataset in LOCAL_DATASETS else str(Path(self.dataset).absolute())
         return planner_pb2.PlanRequest(
             model=model,
@@ -178,6 +181,7 @@ class PlanChoice:
             seed=CALIBRATION_SEED,
             refine_evaluations=self.refine_evaluations,
             plan_lm_head=self.head,
+            plan_embeddings=self.embeddings,
         )
 
 

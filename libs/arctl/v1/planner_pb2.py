@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from arctl.v1 import common_pb2 as arctl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61rctl/v1/planner.proto\x12\x08\x61rctl.v1\x1a\x15\x61rctl/v1/common.proto\"\xcb\x03\n\x0bPlanRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1c\n\x0ftarget_avg_bits\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0emax_size_bytes\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x19\n\x11\x63\x61ndidate_schemes\x18\x04 \x03(\t\x12\x16\n\x0etarget_runtime\x18\x05 \x01(\t\x12\x0c\n\x04keep\x18\x06 \x03(\t\x12/\n\x10\x63\x61libration_data\x18\x07 \x01(\x0b\x32\x15.arctl.v1.ArtifactRef\x12\x16\n\x0epareto_budgets\x18\x08 \x03(\x01\x12\x15\n\x08nsamples\x18\t \x01(\rH\x02\x88\x01\x01\x12\x13\n\x06seqlen\x18\n \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x04\x88\x01\x01\x12\x13\n\x0bsensitivity\x18\x0c \x01(\t\x12\x1f\n\x12refine_evaluations\x18\r \x01(\rH\x05\x88\x01\x01\x12\x14\n\x0cplan_lm_head\x18\x0e \x01(\x08\x42\x12\n\x10_target_avg_bitsB\x11\n\x0f_max_size_bytesB\x0b\n\t_nsamplesB\t\n\x07_seqlenB\x07\n\x05_seedB\x15\n\x13_refine_evaluations\"x\n\rPlanJobStatus\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.arctl.v1.JobStatus\x12\x1c\n\x04plan\x18\x02 \x01(\x0b\x32\x0e.arctl.v1.Plan\x12$\n\x0cpareto_front\x18\x03 \x03(\x0b\x32\x0e.arctl.v1.Plan2\xf0\x01\n\x0ePlannerService\x12\x34\n\tStartPlan\x12\x15.arctl.v1.PlanRequest\x1a\x10.arctl.v1.JobRef\x12:\n\x05Watch\x12\x16.arctl.v1.WatchRequest\x1a\x17.arctl.v1.ProgressEvent0\x01\x12\x34\n\x03Get\x12\x14.arctl.v1.GetRequest\x1a\x17.arctl.v1.PlanJobStatus\x12\x36\n\x06\x43\x61ncel\x12\x17.arctl.v1.CancelRequest\x1a\x13.arctl.v1.JobStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61rctl/v1/planner.proto\x12\x08\x61rctl.v1\x1a\x15\x61rctl/v1/common.proto\"\xe4\x03\n\x0bPlanRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1c\n\x0ftarget_avg_bits\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0emax_size_bytes\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x19\n\x11\x63\x61ndidate_schemes\x18\x04 \x03(\t\x12\x16\n\x0etarget_runtime\x18\x05 \x01(\t\x12\x0c\n\x04keep\x18\x06 \x03(\t\x12/\n\x10\x63\x61libration_data\x18\x07 \x01(\x0b\x32\x15.arctl.v1.ArtifactRef\x12\x16\n\x0epareto_budgets\x18\x08 \x03(\x01\x12\x15\n\x08nsamples\x18\t \x01(\rH\x02\x88\x01\x01\x12\x13\n\x06seqlen\x18\n \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x04\x88\x01\x01\x12\x13\n\x0bsensitivity\x18\x0c \x01(\t\x12\x1f\n\x12refine_evaluations\x18\r \x01(\rH\x05\x88\x01\x01\x12\x14\n\x0cplan_lm_head\x18\x0e \x01(\x08\x12\x17\n\x0fplan_embeddings\x18\x0f \x01(\x08\x42\x12\n\x10_target_avg_bitsB\x11\n\x0f_max_size_bytesB\x0b\n\t_nsamplesB\t\n\x07_seqlenB\x07\n\x05_seedB\x15\n\x13_refine_evaluations\"x\n\rPlanJobStatus\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.arctl.v1.JobStatus\x12\x1c\n\x04plan\x18\x02 \x01(\x0b\x32\x0e.arctl.v1.Plan\x12$\n\x0cpareto_front\x18\x03 \x03(\x0b\x32\x0e.arctl.v1.Plan2\xf0\x01\n\x0ePlannerService\x12\x34\n\tStartPlan\x12\x15.arctl.v1.PlanRequest\x1a\x10.arctl.v1.JobRef\x12:\n\x05Watch\x12\x16.arctl.v1.WatchRequest\x1a\x17.arctl.v1.ProgressEvent0\x01\x12\x34\n\x03Get\x12\x14.arctl.v1.GetRequest\x1a\x17.arctl.v1.PlanJobStatus\x12\x36\n\x06\x43\x61ncel\x12\x17.arctl.v1.CancelRequest\x1a\x13.arctl.v1.JobStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arctl.v1.planner_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PLANREQUEST']._serialized_start=60
-  _globals['_PLANREQUEST']._serialized_end=519
-  _globals['_PLANJOBSTATUS']._serialized_start=521
-  _globals['_PLANJOBSTATUS']._serialized_end=641
-  _globals['_PLANNERSERVICE']._serialized_start=644
-  _globals['_PLANNERSERVICE']._serialized_end=884
+  _globals['_PLANREQUEST']._serialized_end=544
+  _globals['_PLANJOBSTATUS']._serialized_start=546
+  _globals['_PLANJOBSTATUS']._serialized_end=666
+  _globals['_PLANNERSERVICE']._serialized_start=669
+  _globals['_PLANNERSERVICE']._serialized_end=909
 # @@protoc_insertion_point(module_scope)

@@ -41,6 +41,7 @@ class PlanRequest(_message.Message):
     SENSITIVITY_FIELD_NUMBER: _builtins.int
     REFINE_EVALUATIONS_FIELD_NUMBER: _builtins.int
     PLAN_LM_HEAD_FIELD_NUMBER: _builtins.int
+    PLAN_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The full-precision model: a local HF folder, a GGUF file, or a hub id."""
     target_avg_bits: _builtins.float
@@ -70,6 +71,10 @@ class PlanRequest(_message.Message):
     """Plan the output layer (lm_head) too: an item measured and chosen like the others, counted in
     the average (a tied one is untied: the embeddings stay float). Off = kept as the model has it,
     outside the average.
+    """
+    plan_embeddings: _builtins.bool
+    """Plan the input embeddings too (llama.cpp reads them quantized; target_runtime "gguf" or "any").
+    Tied ones without plan_lm_head carry the output layer: quantizing them quantizes it.
     """
     @_builtins.property
     def candidate_schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -108,10 +113,11 @@ class PlanRequest(_message.Message):
         sensitivity: _builtins.str = ...,
         refine_evaluations: _builtins.int | None = ...,
         plan_lm_head: _builtins.bool = ...,
+        plan_embeddings: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes", "_nsamples", b"_nsamples", "_refine_evaluations", b"_refine_evaluations", "_seed", b"_seed", "_seqlen", b"_seqlen", "_target_avg_bits", b"_target_avg_bits", "calibration_data", b"calibration_data", "max_size_bytes", b"max_size_bytes", "nsamples", b"nsamples", "refine_evaluations", b"refine_evaluations", "seed", b"seed", "seqlen", b"seqlen", "target_avg_bits", b"target_avg_bits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes", "_nsamples", b"_nsamples", "_refine_evaluations", b"_refine_evaluations", "_seed", b"_seed", "_seqlen", b"_seqlen", "_target_avg_bits", b"_target_avg_bits", "calibration_data", b"calibration_data", "candidate_schemes", b"candidate_schemes", "keep", b"keep", "max_size_bytes", b"max_size_bytes", "model", b"model", "nsamples", b"nsamples", "pareto_budgets", b"pareto_budgets", "plan_lm_head", b"plan_lm_head", "refine_evaluations", b"refine_evaluations", "seed", b"seed", "sensitivity", b"sensitivity", "seqlen", b"seqlen", "target_avg_bits", b"target_avg_bits", "target_runtime", b"target_runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes", "_nsamples", b"_nsamples", "_refine_evaluations", b"_refine_evaluations", "_seed", b"_seed", "_seqlen", b"_seqlen", "_target_avg_bits", b"_target_avg_bits", "calibration_data", b"calibration_data", "candidate_schemes", b"candidate_schemes", "keep", b"keep", "max_size_bytes", b"max_size_bytes", "model", b"model", "nsamples", b"nsamples", "pareto_budgets", b"pareto_budgets", "plan_embeddings", b"plan_embeddings", "plan_lm_head", b"plan_lm_head", "refine_evaluations", b"refine_evaluations", "seed", b"seed", "sensitivity", b"sensitivity", "seqlen", b"seqlen", "target_avg_bits", b"target_avg_bits", "target_runtime", b"target_runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_size_bytes: _TypeAlias = _typing.Literal["max_size_bytes"]  # noqa: Y015
     _WhichOneofArgType__max_size_bytes: _TypeAlias = _typing.Literal["_max_size_bytes", b"_max_size_bytes"]  # noqa: Y015

@@ -37,6 +37,7 @@ from arctl.checkpoint import QuantizedCheckpoint
 from arctl.plan import LayerPlan, Plan
 from arctl.quant import QuantizedTensor, dequantize
 from arctl_exporter import hf_folder, packing
+from arctl_exporter.auto_round import embedding_problem
 from arctl_exporter.errors import ExportVerificationError, join_problems
 
 FORMAT_NAME = "auto_awq"
@@ -191,7 +192,7 @@ class AutoAwqWriter:
         blocks = hf_folder.blocks_of(plan.layers)
         # One bits/group size for the model and qzeros read for every layer: a fused group mixing sym and
         # asym INT4 runs as one kernel without harm, so no fused-group rule beyond uniformity.
-        problems = [problem for layer in plan.layers if (problem := layer_problem(layer, blocks))]
+        problems = [problem for layer in plan.layers if (problem := embedding_problem(layer) or layer_problem(layer, blocks))]
         return problems or uniformity_problems(plan.layers)
 
     def check(self, checkpoint: QuantizedCheckpoint) -> None:

@@ -132,10 +132,13 @@ def quantization_config(layers: tuple[LayerPlan, ...], float_names: list[str]) -
         and (module := name.removesuffix(".weight")) not in planned
         and hf_folder.in_blocks(module, blocks)
     ]
+    # a rule for every layer off the default inside the blocks, and for every quantized one outside
+    # them (lm_head: the global scheme applies inside block_name_to_quantize only)
     overridden = [
         layer
         for layer in (*layers, *unplanned)
-        if layer.scheme != default and (layer.scheme.quantized or hf_folder.in_blocks(layer.name, blocks))
+        if (layer.scheme.quantized and (layer.scheme != default or not hf_folder.in_blocks(layer.name, blocks)))
+        or (not layer.scheme.quantized and hf_folder.in_blocks(layer.name, blocks))
     ]
     dynamic: dict[str, dict[str, Any]] = {}
     for pattern, members in hf_folder.unit_patterns(overridden):

@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 
 from arctl.atomic import atomic_directory
 from arctl.checkpoint import MANIFEST, QUANTIZED_FILE, TENSORS_FILE, CheckpointError, QuantizedCheckpoint
+from arctl.models import is_input_embedding
 from arctl.plan import LayerPlan, Plan
 from arctl.quant import QuantizedTensor, dequantize
 from arctl.schemes import PER_CHANNEL, Scheme
@@ -119,14 +120,25 @@ def fused_group_problems(layers: tuple[LayerPlan, ...]) -> list[str]:
     return problems
 
 
+def embedding_problem(layer: LayerPlan) -> str | None:
+    """Why quantized input embeddings cannot go into a Hugging Face folder format: transformers, vLLM
+    and SGLang read embeddings in 16 bits only."""
+    if layer.scheme.quantized and is_input_embedding(layer.name):
+        return (
+            f"{layer.name}: quantized embeddings ({layer.scheme.name}) go into gguf only (transformers, vLLM and "
+            "SGLang read embeddings in 16 bits); plan them for gguf or leave them out"
+        )
+    return None
+
+
 def sharded_plan_problems(
     layers: tuple[LayerPlan, ...],
     layer_problem: Callable[[LayerPlan], str | None],
     config_problem: Callable[[tuple[LayerPlan, ...]], str | None],
 ) -> list[str]:
-    """Every layer's ``layer_problem`` and the fused groups' (runtimes refuse a fused module whose
-    shards differ); with none, why no config can describe the plan (``config_problem``)."""
-    problems = [problem for layer in layers if (problem := layer_problem(layer))]
+    """Every layer's ``embedding_problem`` or ``layer_problem`` and the fused groups' (runtimes refuse
+    a fused module whose shards differ); with none, why no config can describe the plan (``config_problem``)."""
+    problems = [problem for layer in layers if (problem := embedding_problem(layer) or layer_problem(layer))]
     problems += fused_group_problems(layers)
     if not problems and (problem := config_problem(layers)) is not None:
         problems.append(problem)

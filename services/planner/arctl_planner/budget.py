@@ -77,6 +77,8 @@ def _fixed_schemes(layers: Sequence[LayerInfo], keep: Sequence[tuple[str, Scheme
         matched = [layer for layer in layers if fnmatch.fnmatchcase(layer.name, pattern)]
         if not matched:
             hint = "; the output layer is planned only with --lm-head" if fnmatch.fnmatchcase("lm_head", pattern) else ""
+            if fnmatch.fnmatchcase("model.embed_tokens", pattern):
+                hint = "; the input embeddings are planned only with --embeddings"
             raise BudgetError(f"--keep {pattern!r} matches no quantizable layer (e.g. {layers[0].name}){hint}")
         for layer in matched:
             if not scheme.fits(layer.shape[1]):

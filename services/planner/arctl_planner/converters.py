@@ -49,6 +49,7 @@ class PlanParams:
     seed: int
     refine_evaluations: int = REFINE_EVALUATIONS
     head: bool = False
+    embeddings: bool = False
 
     @property
     def uniform(self) -> Scheme | None:
@@ -61,7 +62,7 @@ class PlanParams:
         targets = ((own_target,) if own_target is not None else ()) + self.pareto
         return PlanRequest(
             targets=targets, schemes=self.schemes, runtime=self.runtime, keep=self.keep, sensitivity=self.sensitivity,
-            head=self.head, refine_evaluations=self.refine_evaluations,
+            head=self.head, embeddings=self.embeddings, refine_evaluations=self.refine_evaluations,
         )
 
 
@@ -118,6 +119,7 @@ def plan_params(request: planner_pb2.PlanRequest, artefacts: ArtefactPolicy) -> 
         seed=request.seed if request.HasField("seed") else CALIBRATION_SEED,
         refine_evaluations=request.refine_evaluations if request.HasField("refine_evaluations") else REFINE_EVALUATIONS,
         head=request.plan_lm_head,
+        embeddings=request.plan_embeddings,
     )
 
 

@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from arctl.models import LayerInfo, LoadedModel, context_length, quantizable_layers
+from arctl.models import (
+    LayerInfo,
+    LoadedModel,
+    context_length,
+    input_embedding_name,
+    output_layer_name,
+    output_tied,
+    quantizable_layers,
+)
 from arctl.plan import LayerPlan, Plan
 from arctl.progress import Progress, ProgressCallback, ignore_progress
 from arctl.quant import fake_quantize
@@ -28,6 +36,8 @@ from arctl_planner.sensitivity import collect_statistics, predicted_kl
 DEFAULT_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (128, 64, 32)
 SENSITIVITIES = ("fisher", "weight")
+# Runtimes that read quantized input embeddings: llama.cpp (GGUF token_embd); vLLM and SGLang do not.
+EMBEDDING_RUNTIMES = ("gguf", "any")
 # The Fisher sensitivity's calibration text unless a request says otherwise (CLI and service alike).
 # Tried on SmolLM2 (benchmarks/planner_vs_autoscheme.py): 4 x 2048 tokens lowered RTN perplexity at 4.5
 # bits (22.09 vs 22.62) but raised it at 3 bits (306 vs 257) and tripled planning time (132 s vs 48 s).
@@ -58,9 +68,10 @@ def default_schemes() -> list[Scheme]:
 class PlanRequest:
     """What to plan: one or several target true average bits (a Pareto front from one measurement),
     candidate schemes (None: ``default_schemes``), target runtime, fixed layers, whether the output
-    layer (``lm_head``) is planned (``head``: an item measured and chosen like the others and counted
-    in the average; otherwise it stays as the model has it, outside the average), and the
-    sensitivity measure (``fisher``: predicted KL and LM-loss increase from calibration data; ``weight``: squared weight
+    layer (``lm_head``) and the input embeddings are planned (``head``, ``embeddings``: items measured
+    and chosen like the others and counted in the average; otherwise they stay as the model has them,
+    outside the average; tied embeddings without a planned head carry the output layer with them),
+    and the sensitivity measure (``fisher``: predicted KL and LM-loss increase from calibration data; ``weight``: squared weight
     error, no data). With calibration data, each plan's real KL (round to nearest) is measured on
     ``measure_rows`` calibration rows and stored beside the predicted one, after up to
     ``refine_evaluations`` budget-neutral swaps were measured and the ones that lowered it kept."""
@@ -71,6 +82,7 @@ class PlanRequest:
     keep: tuple[tuple[str, Scheme], ...] = ()
     sensitivity: str = "fisher"
     head: bool = False
+    embeddings: bool = False
     measure_rows: int = 2
     refine_evaluations: int = REFINE_EVALUATIONS
     notes: dict[str, object] = field(default_factory=dict)
@@ -91,13 +103,27 @@ def fisher_error(
     model: nn.Module, layers: Sequence[LayerInfo], input_ids: torch.Tensor, progress: ProgressCallback
 ) -> ErrorFn:
     """``error(layer, scheme)``: predicted loss increase (nats/token; KL to the float model and LM loss
-    on the calibration text, averaged) from one Fisher pass."""
+    on the calibration text, averaged) from one Fisher pass. Tied embeddings planned without the
+    output layer add the output layer's share: quantizing them quantizes it."""
+    names = {layer.name for layer in layers}
+    embeddings = input_embedding_name(model)
+    embeddings = embeddings if embeddings in names else None
+    linears = [layer for layer in layers if layer.name != embeddings]
+    head = output_layer_name(model)
+    shared_head = head if embeddings is not None and head not in names and output_tied(model) else None
+    if shared_head is not None:
+        linears.append(quantizable_layers(model, with_head=True)[-1])
     stats = collect_statistics(
-        model, layers, input_ids, progress=lambda done, total: progress(Progress("sensitivity", done, total))
+        model, linears, input_ids, progress=lambda done, total: progress(Progress("sensitivity", done, total)),
+        embeddings=embeddings,
     )
 
     def error(layer: LayerInfo, scheme: Scheme) -> float:
-        return predicted_kl(model.get_submodule(layer.name).weight, scheme, stats[layer.name])
+        weight = model.get_submodule(layer.name).weight
+        loss = predicted_kl(weight, scheme, stats[layer.name])
+        if layer.name == embeddings and shared_head is not None:
+            loss += predicted_kl(weight, scheme, stats[shared_head])
+        return loss
 
     return _cached(error)
 
@@ -124,7 +150,11 @@ def plan_model(
     if request.sensitivity not in SENSITIVITIES:
         raise BudgetError(f"unknown sensitivity {request.sensitivity!r}; valid: {', '.join(SENSITIVITIES)}")
     refuse_activation_schemes(list(request.schemes or ()), request.keep)  # before the sensitivity pass
-    layers = quantizable_layers(loaded.model, with_head=request.head)
+    if request.embeddings and request.runtime not in EMBEDDING_RUNTIMES:
+        raise BudgetError(
+            f"{request.runtime} runs no quantized embeddings; plan them for {' or '.join(EMBEDDING_RUNTIMES)} (llama.cpp)"
+        )
+    layers = quantizable_layers(loaded.model, with_head=request.head, with_embeddings=request.embeddings)
     if request.sensitivity == "fisher":
         if calibration_ids is None:
             raise BudgetError("fisher sensitivity needs calibration data")
@@ -150,15 +180,17 @@ def plan_model(
     return refined
 
 
-def plan_uniform(loaded: LoadedModel, scheme: Scheme, head: bool = False) -> Plan:
-    """Every quantizable layer (and the output layer when ``head``) with ``scheme`` (``BudgetError``
-    naming a layer it does not fit).
+def plan_uniform(loaded: LoadedModel, scheme: Scheme, head: bool = False, embeddings: bool = False) -> Plan:
+    """Every quantizable layer (and the output layer when ``head``, the input embeddings when
+    ``embeddings``) with ``scheme`` (``BudgetError`` naming a layer it does not fit).
 
     Built directly, not by the budget solver: its table may round costs up, which can make the
     exact uniform budget look unreachable (NVFP4, channel-wise schemes)."""
-    layers = quantizable_layers(loaded.model, with_head=head)
-    if head and scheme.act is not None:
-        raise BudgetError(f"the output layer takes weight-only schemes, not {scheme.name} (activation quantization)")
+    layers = quantizable_layers(loaded.model, with_head=head, with_embeddings=embeddings)
+    if (head or embeddings) and scheme.act is not None:
+        raise BudgetError(
+            f"the output layer and the embeddings take weight-only schemes, not {scheme.name} (activation quantization)"
+        )
     build_problem(layers, [scheme], lambda *_: 0.0, activations_allowed=True)  # a budgeted plan's fit checks
     return Plan(
         model_id=loaded.model_id,
@@ -169,21 +201,30 @@ def plan_uniform(loaded: LoadedModel, scheme: Scheme, head: bool = False) -> Pla
     )
 
 
-def target_bits_for_size(model: nn.Module, max_size_bytes: int, head: bool = False) -> float:
-    """The average bits of the quantizable layers (and the output layer when ``head``) that keeps the
-    whole model (other tensors at 16 bits, tied tensors once) within ``max_size_bytes``."""
-    layers = quantizable_layers(model, with_head=head)
-    quantizable = {f"{layer.name}.weight" for layer in layers}
+def unplanned_values(model: nn.Module, head: bool = False, embeddings: bool = False) -> int:
+    """How many values the model holds outside the planned layers (the decoder-block linears, the
+    output layer when ``head``, the input embeddings when ``embeddings``): norms, biases and the
+    unplanned of the head and the embeddings, a tied tensor once (a planned head is untied from its
+    embeddings; planned tied embeddings carry the head with them)."""
+    planned = {f"{layer.name}.weight" for layer in quantizable_layers(model, with_head=head, with_embeddings=embeddings)}
+    if embeddings and not head and output_tied(model):
+        planned.add(f"{output_layer_name(model)}.weight")
     seen: set[int] = set()
-    other = 0
+    count = 0
     for name, tensor in model.state_dict().items():
         pointer = tensor.untyped_storage().data_ptr()
-        if name in quantizable or pointer in seen:
+        if name in planned or pointer in seen:
             continue
         seen.add(pointer)
-        other += tensor.numel()
-    weights = sum(layer.shape[0] * layer.shape[1] for layer in layers)
-    bits = (max_size_bytes * 8 - other * 16) / weights
+        count += tensor.numel()
+    return count
+
+
+def target_bits_for_size(model: nn.Module, max_size_bytes: int, head: bool = False, embeddings: bool = False) -> float:
+    """The average bits of the planned layers (``unplanned_values``) that keeps the whole model, the
+    unplanned values at 16 bits, within ``max_size_bytes``."""
+    weights = sum(layer.shape[0] * layer.shape[1] for layer in quantizable_layers(model, with_head=head, with_embeddings=embeddings))
+    bits = (max_size_bytes * 8 - unplanned_values(model, head, embeddings) * 16) / weights
     if bits <= 0:
         raise BudgetError(f"--max-size {max_size_bytes} bytes is smaller than the unquantized tensors alone")
     return bits

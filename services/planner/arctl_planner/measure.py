@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from arctl.models import decoder_blocks, untied_output
+from arctl.models import decoder_blocks, output_layer_name, untied_output
 from arctl.plan import Plan
 from arctl.quant import fake_quantize
 from arctl.schemes import Scheme
@@ -74,8 +74,9 @@ class SwapMeasure:
     the same weights and the same inputs reach every block.
 
     Use as a context manager: the planned weights are applied in place on entry and the float
-    weights restored on exit (an output layer tied to the embeddings is untied meanwhile). ``trial(changes)`` measures a change of schemes, then ``accept()`` or
-    ``reject()`` it.
+    weights restored on exit (a planned output layer tied to the embeddings is untied meanwhile;
+    planned tied embeddings carry the output layer with them). ``trial(changes)`` measures a change
+    of schemes, then ``accept()`` or ``reject()`` it.
     """
 
     def __init__(self, model: nn.Module, plan: Plan, input_ids: torch.Tensor, reference: list[torch.Tensor]) -> None:
@@ -84,6 +85,7 @@ class SwapMeasure:
         self.reference = reference
         self.probabilities = [ref.exp() for ref in reference]
         self.blocks = decoder_blocks(model)
+        self.head = output_layer_name(model)
         self.schemes = {layer.name: layer.scheme for layer in plan.layers}
         self.originals: dict[str, torch.Tensor] = {}
         self.outputs: list[list[Any]] = []
@@ -93,7 +95,8 @@ class SwapMeasure:
 
     def __enter__(self) -> Self:
         try:
-            self._untied.enter_context(untied_output(self.model))  # the embeddings keep their float weight
+            if self.head in self.schemes:  # a planned head is untied: the embeddings keep their own weight
+                self._untied.enter_context(untied_output(self.model))
             with torch.no_grad():
                 for name, scheme in self.schemes.items():
                     weight = self.model.get_submodule(name).weight
@@ -119,8 +122,9 @@ class SwapMeasure:
     def _first_block(self, names: list[str]) -> int:
         starts = []
         for name in names:
-            # a layer outside the blocks (the output layer) changes nothing before it: replay them all
-            index = next((i for i, (block, _) in enumerate(self.blocks) if name.startswith(f"{block}.")), len(self.blocks))
+            # the output layer changes nothing before it (replay every block), the embeddings everything
+            outside = len(self.blocks) if name == self.head else 0
+            index = next((i for i, (block, _) in enumerate(self.blocks) if name.startswith(f"{block}.")), outside)
             starts.append(index)
         return min(starts)
 

@@ -51,11 +51,11 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         loaded = load_model(model)
         job.check()
         if params.uniform is not None:
-            plans = [plan_uniform(loaded, params.uniform, params.head)]
+            plans = [plan_uniform(loaded, params.uniform, params.head, params.embeddings)]
         else:
             target = params.target_avg_bits
             if params.max_size_bytes is not None:
-                target = target_bits_for_size(loaded.model, params.max_size_bytes, params.head)
+                target = target_bits_for_size(loaded.model, params.max_size_bytes, params.head, params.embeddings)
             request = params.engine_request(target)
             calibration = None
             if request.sensitivity == "fisher":

@@ -5,9 +5,11 @@ For each decoder block in order:
 2. tune the block's quantized layers on (quantized stream -> target)   [skipped if already on disk]
 3. quantized stream = block with the tuned fake-quantized weights(quantized stream)
 then, when the plan quantizes the output layer, tune it on the final norm of both streams
-(``arctl_tuner.head``). The model's weights are left as they were. Finished blocks are saved in a work folder, so a killed
-run continues with ``resume=True`` and gives the same checkpoint as an uninterrupted run (every
-block's sample order is seeded by ``seed + block index``). ``iters == 0`` is round-to-nearest.
+(``arctl_tuner.head``). Quantized input embeddings are rounded to nearest, and the quantized stream
+starts from them. The model's weights are left as they were. Finished blocks (and the output layer)
+are saved in a work folder, so a killed run continues with ``resume=True`` and gives the same
+checkpoint as an uninterrupted run (every block's sample order is seeded by ``seed + block index``).
+``iters == 0`` is round-to-nearest.
 
 The checkpoint holds no run-time measurements: the same inputs and seed give the same bytes in
 every file. Timings and whether a block came from the work folder are in the per-block Progress
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,9 +28,10 @@ from torch import nn
 
 from arctl.data import CalibrationSet
 from arctl.memory import release_free_memory
-from arctl.models import LoadedModel, decoder_blocks, final_norm, output_layer_name
+from arctl.models import LoadedModel, decoder_blocks, final_norm, input_embedding_name, output_layer_name
 from arctl.plan import LayerPlan, Plan
 from arctl.progress import Progress, ProgressCallback, ignore_progress
+from arctl.quant import QuantizedTensor, quantize
 from arctl_tuner.blocks import capture_block_inputs, run_block, tuning_attention
 from arctl_tuner.calibration import fake_quantized
 from arctl_tuner.config import TuneConfig, TuneConfigError
@@ -43,19 +47,28 @@ def default_work_dir(out_dir: Path) -> Path:
     return out_dir.parent / f"{out_dir.name}.partial"
 
 
-Blocks = list[tuple[str, nn.Module, list[LayerPlan]]]
+@dataclass(frozen=True)
+class _Layout:
+    """The planned layers of each decoder block, and the quantized output layer and input embeddings
+    (None when the plan leaves them as they are)."""
+
+    blocks: list[tuple[str, nn.Module, list[LayerPlan]]]
+    head: LayerPlan | None
+    embeddings: LayerPlan | None
 
 
-def _layers_by_block(model: nn.Module, plan: Plan) -> tuple[Blocks, LayerPlan | None]:
-    """The planned layers of each decoder block, and the output layer's plan when it is quantized."""
-    blocks = decoder_blocks(model)
-    grouped = [(name, block, [l for l in plan.layers if l.name.startswith(f"{name}.")]) for name, block in blocks]
-    head_name = output_layer_name(model)
-    head = next((l for l in plan.layers if l.name == head_name), None)
-    covered = sum(len(layers) for _, _, layers in grouped) + (head is not None)
-    if covered != len(plan.layers):
-        raise PlanMismatchError("the plan has layers outside the decoder blocks and the output layer")
-    return grouped, head if head is not None and head.scheme.quantized else None
+def _layout(model: nn.Module, plan: Plan) -> _Layout:
+    head, embeddings = output_layer_name(model), input_embedding_name(model)
+    grouped = [(name, block, [l for l in plan.layers if l.name.startswith(f"{name}.")]) for name, block in decoder_blocks(model)]
+    outside = {layer.name: layer for layer in plan.layers if layer.name in (head, embeddings)}
+    if sum(len(layers) for _, _, layers in grouped) + len(outside) != len(plan.layers):
+        raise PlanMismatchError("the plan has layers outside the decoder blocks, the output layer and the embeddings")
+
+    def quantized(name: str | None) -> LayerPlan | None:
+        layer = outside.get(name) if name is not None else None
+        return layer if layer is not None and layer.scheme.quantized else None
+
+    return _Layout(grouped, quantized(head), quantized(embeddings))
 
 
 def tune_model(
@@ -78,7 +91,7 @@ def tune_model(
     model = loaded.model
     check_plan_fits(model, plan)
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-    blocks, head = _layers_by_block(model, plan)
+    layout = _layout(model, plan)
     settings = config.to_dict()
     store = BlockStore(
         work_dir or default_work_dir(out_dir),
@@ -86,8 +99,10 @@ def tune_model(
         resume,
     )
     with frozen_weights(model), tuning_attention(model, dtype):
-        block_stats = _tune_blocks(model, plan, config, calibration, progress, store, blocks, head, dtype)
-    quantized = store.load_all(len(blocks) + (head is not None), plan)
+        block_stats = _tune_blocks(model, plan, config, calibration, progress, store, layout, dtype)
+    quantized = store.load_all(len(layout.blocks) + (layout.head is not None), plan)
+    if layout.embeddings is not None:
+        quantized[layout.embeddings.name] = _rounded_embeddings(model, layout.embeddings)
     metadata = {
         "method": "signround",
         **settings,
@@ -128,17 +143,21 @@ def _tune_blocks(
     calibration: CalibrationSet,
     progress: ProgressCallback,
     store: BlockStore,
-    blocks: Blocks,
-    head: LayerPlan | None,
+    layout: _Layout,
     dtype: torch.dtype,
 ) -> list[dict[str, object]]:
     """The block loop, then the output layer; returns per-block stats (losses only: no timings, so
     the checkpoint's metadata does not depend on the run). Each block's quantized layers go to
     ``store`` and are not kept in memory: on SmolLM2 holding them cost ~100 MB of peak memory by the
     last block."""
+    blocks, head = layout.blocks, layout.head
     total = len(blocks) + (head is not None)
     inputs = capture_block_inputs(model, blocks[0][1], calibration.input_ids)
     fp_stream = q_stream = inputs.hidden
+    if layout.embeddings is not None and config.enable_quanted_input:
+        rounded = {layout.embeddings.name: _rounded_embeddings(model, layout.embeddings)}
+        with fake_quantized(model, "", [layout.embeddings], rounded):
+            q_stream = capture_block_inputs(model, blocks[0][1], calibration.input_ids).hidden
     block_stats: list[dict[str, object]] = []
     batch = config.batch_size
     for index, (name, block, layers) in enumerate(blocks):
@@ -173,6 +192,11 @@ def _tune_blocks(
         block_stats.append(_stats_entry(head.name, stats))
         progress(_block_progress(index, total, head.name, stats, resumed=saved is not None))
     return block_stats
+
+
+def _rounded_embeddings(model: nn.Module, layer: LayerPlan) -> QuantizedTensor:
+    """The input embeddings rounded to nearest: SignRound tunes linear layers only."""
+    return quantize(model.get_submodule(layer.name).weight.detach(), layer.scheme)
 
 
 def _stats_entry(name: str, stats: BlockStats) -> dict[str, object]:

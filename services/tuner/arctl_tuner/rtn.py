@@ -14,7 +14,7 @@ from torch import nn
 
 import arctl
 from arctl.checkpoint import write_checkpoint
-from arctl.models import LoadedModel, output_layer_name, output_tied, quantizable_layers
+from arctl.models import LoadedModel, input_embedding_name, output_layer_name, output_tied, quantizable_layers
 from arctl.plan import LayerPlan, Plan
 from arctl.progress import Progress, ProgressCallback, ignore_progress
 from arctl.quant import QuantizedTensor, SchemeShapeError, quantize
@@ -28,15 +28,18 @@ class PlanMismatchError(ValueError):
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Every planned layer exists with the planned shape and its scheme tiles the rows; the output
-    layer takes weight-only schemes."""
-    head = output_layer_name(model)
-    known = {layer.name: layer.shape for layer in quantizable_layers(model, with_head=head is not None)}
+    layer and the embeddings take weight-only schemes."""
+    head, embeddings = output_layer_name(model), input_embedding_name(model)
+    known = {
+        layer.name: layer.shape
+        for layer in quantizable_layers(model, with_head=head is not None, with_embeddings=embeddings is not None)
+    }
     for layer in plan.layers:
         if layer.name not in known:
             raise PlanMismatchError(f"plan layer {layer.name} is not a quantizable layer of this model")
-        if layer.name == head and layer.scheme.act is not None:
+        if layer.name in (head, embeddings) and layer.scheme.act is not None:
             raise PlanMismatchError(
-                f"the output layer {head} takes weight-only schemes, not {layer.scheme.name} (activation quantization)"
+                f"{layer.name} takes weight-only schemes, not {layer.scheme.name} (activation quantization)"
             )
         if known[layer.name] != layer.shape:
             raise PlanMismatchError(f"plan layer {layer.name} has shape {layer.shape}, the model {known[layer.name]}")
@@ -85,15 +88,18 @@ def write_model_files(loaded: LoadedModel, folder: Path, untie: bool = False) ->
 def checkpoint_float_tensors(
     model: nn.Module, plan: Plan, quantized: dict[str, QuantizedTensor]
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the model except the quantized layers' weights; BF16 layers cast to bfloat16
-    (but a BF16 output layer tied to the embeddings stays their float weight)."""
+    """Every tensor of the model except the quantized layers' weights and what is tied to them (a
+    tied output layer follows quantized embeddings); BF16 layers cast to bfloat16 (but a BF16 output
+    layer tied to the embeddings stays their float weight)."""
     state = dict(model.state_dict())
     tied_head = output_layer_name(model) if output_tied(model) else None
+    for name in quantized:
+        del state[f"{name}.weight"]
+    if tied_head is not None and tied_head not in quantized and input_embedding_name(model) in quantized:
+        del state[f"{tied_head}.weight"]
     for layer in plan.layers:
         key = f"{layer.name}.weight"
-        if layer.name in quantized:
-            del state[key]
-        elif not layer.scheme.quantized and layer.name != tied_head:
+        if not layer.scheme.quantized and layer.name != tied_head:
             state[key] = state[key].detach().to(torch.bfloat16)
     return state
 
