@@ -64,13 +64,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from arctl.checkpoint import read_checkpoint
     from arctl.data import calibration_samples, default_data_dir, wikitext2_test_text
     from arctl.evaluation import compare_to_reference, tokenize_for_perplexity
-    from arctl.models import load_checkpoint_model, load_model
+    from arctl.models import load_checkpoint_model, load_model, quantizable_layers
+    from arctl_planner.budget import build_problem
     from arctl_planner.engine import (
         CALIBRATION_DATASET,
         CALIBRATION_NSAMPLES,
         CALIBRATION_SEED,
         PlanRequest,
         calibration_seqlen,
+        default_schemes,
         plan_model,
         target_bits_for_size,
         unplanned_values,
@@ -95,12 +97,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[float, dict[str, Any]] = {budget: {"size_mb": budget} for budget in budgets}
     try:
         for variant, (head, embeddings) in VARIANTS.items():
+            layers = quantizable_layers(model, with_head=head, with_embeddings=embeddings)
+            problem = build_problem(layers, default_schemes(), lambda *_: 0.0)
+            cheapest = sum(min(option.cost for option in item.options) for item in problem.items) / problem.weights
             targets = {}
             for budget in budgets:
                 try:
                     targets[budget] = target_bits_for_size(model, int(budget * MB), head, embeddings)
                 except ValueError as exc:
                     rows[budget][variant] = {"error": str(exc)}
+                    continue
+                if targets[budget] < cheapest:
+                    rows[budget][variant] = {
+                        "error": f"needs {targets.pop(budget):.3f} bits on the planned layers, the schemes reach {cheapest:.3f}"
+                    }
+            if not targets:
+                continue
             started = time.perf_counter()
             request = PlanRequest(targets=tuple(targets.values()), head=head, embeddings=embeddings)
             try:

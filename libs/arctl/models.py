@@ -7,8 +7,9 @@ embedded default ``smollm2`` (SmolLM2-135M-Instruct shipped as GGUF in the PyPI 
 
 Traversal: the decoder blocks are the children of the first ``nn.ModuleList`` of the model; their
 ``nn.Linear`` layers are the quantizable layers, and so are the output layer (``lm_head``) and the
-input embeddings (``embed_tokens``, rows quantized along the hidden dimension) when asked for. Layers a runtime fuses into one kernel share a ``fused_group``: q/k/v, gate/up, and all experts
-of one MoE layer. A MoE router (``...mlp.gate``) is not quantizable. A quantized output layer tied
+input embeddings (``embed_tokens``, rows quantized along the hidden dimension) when asked for.
+Layers a runtime fuses into one kernel share a ``fused_group``: q/k/v, gate/up, and all experts of
+one MoE layer. A MoE router (``...mlp.gate``) is not quantizable. A quantized output layer tied
 to the input embeddings is untied: the embeddings stay float. Quantized tied embeddings with a float
 output layer quantize the shared tensor, output included (as llama.cpp reads a GGUF without an
 ``output.weight``).

@@ -92,6 +92,23 @@ def test_plan_request_sets_the_refinement(start_services, tiny_model: Path) -> N
     assert measured == {2: 2, 0: 0}
 
 
+def test_plan_request_plans_the_head_and_the_embeddings(start_services, tiny_model: Path) -> None:
+    planner = start_services("planner").stub("planner")
+    request = planner_pb2.PlanRequest(model=str(tiny_model), target_avg_bits=5.0, sensitivity="weight", target_runtime="gguf",
+                                      plan_lm_head=True, plan_embeddings=True)
+    job = planner.StartPlan(request, timeout=10)
+    list(planner.Watch(common_pb2.WatchRequest(job_id=job.job_id), timeout=60))
+    status = planner.Get(common_pb2.GetRequest(job_id=job.job_id), timeout=10)
+    assert status.status.state == common_pb2.JOB_STATE_SUCCEEDED, status.status.error
+    names = [layer["name"] for layer in json.loads(status.plan.plan_json)["layers"]]
+    assert names[0] == "model.embed_tokens" and names[-1] == "lm_head"
+    request.target_runtime = "sglang"
+    with pytest.raises(grpc.RpcError) as refused:
+        planner.StartPlan(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sglang runs no quantized embeddings" in refused.value.details()
+
+
 def test_internal_errors_do_not_leak_details(start_services, tiny_model: Path) -> None:
     """A failing job is FAILED with its reason; the RPC layer never returns a traceback."""
     planner = start_services("planner").stub("planner")

@@ -22,6 +22,7 @@ from arctl_planner.engine import (
     REFINE_EVALUATIONS,
     SENSITIVITIES,
     PlanRequest,
+    refuse_embeddings_for,
 )
 
 # Calibration of the fisher sensitivity when the request leaves it unset (as `arctl plan` does).
@@ -98,6 +99,7 @@ def plan_params(request: planner_pb2.PlanRequest, artefacts: ArtefactPolicy) -> 
     runtime = request.target_runtime or "any"
     if runtime not in RUNTIMES:
         raise InvalidArgument(f"unknown target_runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+    refuse_embeddings_for(runtime, request.plan_embeddings)
     sensitivity = request.sensitivity or "fisher"
     if sensitivity not in SENSITIVITIES:
         raise InvalidArgument(f"unknown sensitivity {sensitivity!r}; valid: {', '.join(SENSITIVITIES)}")

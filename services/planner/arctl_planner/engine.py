@@ -88,6 +88,12 @@ class PlanRequest:
     notes: dict[str, object] = field(default_factory=dict)
 
 
+def refuse_embeddings_for(runtime: str, embeddings: bool) -> None:
+    """``BudgetError`` when quantized embeddings are asked for a runtime that cannot run them."""
+    if embeddings and runtime not in EMBEDDING_RUNTIMES:
+        raise BudgetError(f"{runtime} runs no quantized embeddings; plan them for {' or '.join(EMBEDDING_RUNTIMES)} (llama.cpp)")
+
+
 def squared_weight_error(model: nn.Module) -> ErrorFn:
     """``error(layer, scheme)``: sum of squared differences between the weight and its quantization."""
 
@@ -150,10 +156,7 @@ def plan_model(
     if request.sensitivity not in SENSITIVITIES:
         raise BudgetError(f"unknown sensitivity {request.sensitivity!r}; valid: {', '.join(SENSITIVITIES)}")
     refuse_activation_schemes(list(request.schemes or ()), request.keep)  # before the sensitivity pass
-    if request.embeddings and request.runtime not in EMBEDDING_RUNTIMES:
-        raise BudgetError(
-            f"{request.runtime} runs no quantized embeddings; plan them for {' or '.join(EMBEDDING_RUNTIMES)} (llama.cpp)"
-        )
+    refuse_embeddings_for(request.runtime, request.embeddings)
     layers = quantizable_layers(loaded.model, with_head=request.head, with_embeddings=request.embeddings)
     if request.sensitivity == "fisher":
         if calibration_ids is None:

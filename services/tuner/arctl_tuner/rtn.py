@@ -6,7 +6,6 @@ The engine: domain logic on torch modules, no gRPC. Output is a QuantizedCheckpo
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -66,10 +65,6 @@ def fused_nvfp4_global_scales(module: nn.Module, prefix: str, layers: list[Layer
     return scales
 
 
-def quantizes_head(model: nn.Module, quantized: Mapping[str, QuantizedTensor]) -> bool:
-    return output_layer_name(model) in quantized
-
-
 def write_model_files(loaded: LoadedModel, folder: Path, untie: bool = False) -> None:
     """config.json (``tie_word_embeddings`` off when ``untie``: a quantized output layer has its own
     weight), generation_config.json and the tokenizer files of the source model."""
@@ -89,18 +84,18 @@ def checkpoint_float_tensors(
     model: nn.Module, plan: Plan, quantized: dict[str, QuantizedTensor]
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the model except the quantized layers' weights and what is tied to them (a
-    tied output layer follows quantized embeddings); BF16 layers cast to bfloat16 (but a BF16 output
-    layer tied to the embeddings stays their float weight)."""
+    tied output layer follows quantized embeddings); BF16 layers cast to bfloat16 (but a tied table
+    planned BF16 stays the one float tensor both use)."""
     state = dict(model.state_dict())
-    tied_head = output_layer_name(model) if output_tied(model) else None
+    head, embeddings = output_layer_name(model), input_embedding_name(model)
+    tied = {head, embeddings} if output_tied(model) else set()
     for name in quantized:
         del state[f"{name}.weight"]
-    if tied_head is not None and tied_head not in quantized and input_embedding_name(model) in quantized:
-        del state[f"{tied_head}.weight"]
+    if tied and head not in quantized and embeddings in quantized:
+        del state[f"{head}.weight"]
     for layer in plan.layers:
-        key = f"{layer.name}.weight"
-        if not layer.scheme.quantized and layer.name != tied_head:
-            state[key] = state[key].detach().to(torch.bfloat16)
+        if not layer.scheme.quantized and layer.name not in tied:
+            state[f"{layer.name}.weight"] = state[f"{layer.name}.weight"].detach().to(torch.bfloat16)
     return state
 
 
@@ -117,7 +112,7 @@ def write_quantized_checkpoint(
         plan,
         quantized,
         checkpoint_float_tensors(loaded.model, plan, quantized),
-        lambda folder: write_model_files(loaded, folder, untie=quantizes_head(loaded.model, quantized)),
+        lambda folder: write_model_files(loaded, folder, untie=output_layer_name(loaded.model) in quantized),
         {
             **metadata,
             "source_model": {"id": loaded.model_id, "sha256": loaded.sha256},
