@@ -55,7 +55,7 @@ ParetoOpt = Annotated[str | None, typer.Option("--pareto", help="Several budgets
 RuntimeOpt = Annotated[
     str | None, typer.Option("--for", help="Runtime the plan must run on: sglang, gguf, compressed-tensors, any.")
 ]
-KeepOpt = Annotated[list[str] | None, typer.Option("--keep", help="Fix layers: GLOB=SCHEME (repeatable).")]
+KeepOpt = Annotated[list[str] | None, typer.Option("--keep", help="Fix layers: GLOB=SCHEME (repeatable; the first matching rule wins).")]
 HeadOpt = Annotated[
     bool,
     typer.Option("--lm-head/--no-lm-head", help="Quantize the output layer too: planned, measured and counted in the average like the others."),

@@ -157,6 +157,13 @@ def test_keep_rules_fix_layers_and_their_fused_group() -> None:
     assert result.avg_bits <= 5.0
 
 
+def test_the_first_matching_keep_rule_wins() -> None:
+    keep = parse_keep(["model.layers.0.mlp.down_proj=BF16", "*.down_proj=W8A16G64"], get_scheme)
+    schemes = {layer.name: layer.scheme for layer in plan(6.0, keep=keep).layers}
+    assert schemes["model.layers.0.mlp.down_proj"] == BF16
+    assert all(schemes[f"model.layers.{b}.mlp.down_proj"] == W8 for b in range(1, 8))
+
+
 def test_bad_keep_rules() -> None:
     with pytest.raises(BudgetError, match="matches no quantizable layer"):
         plan(4.5, keep=parse_keep(["*.nothing=W4A16G64"], get_scheme))

@@ -84,7 +84,8 @@ class PlanRequest(_message.Message):
 
     @_builtins.property
     def keep(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Layers pinned to a scheme, as "glob=SCHEME", e.g. "lm_head=W8A16", "*.mlp.down_proj=W4A16".
+        """Layers pinned to a scheme, as "glob=SCHEME", e.g. "*.mlp.down_proj=W4A16", "lm_head=W8A16" (with
+        plan_lm_head: rules reach only the layers being planned).
         Applied in order; the first matching rule wins.
         """
 

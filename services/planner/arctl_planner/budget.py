@@ -4,7 +4,8 @@ Pure planning logic over layer descriptions and a per-(layer, scheme) loss; no m
 
 - Items are the groups a runtime fuses (q/k/v, gate/up, all experts of a MoE layer) or single
   layers; an item's options are the schemes that tile every member, allowed by the target runtime.
-- ``keep`` fixes the scheme of layers matching a glob (the whole fused group follows).
+- ``keep`` fixes the scheme of layers matching a glob (the first matching rule wins; the whole fused
+  group follows).
 - Cost is true bits (codes + scales + zeros); the budget is ``target * weights``; the choice is the
   exact least-loss assignment within it (``solver.KnapsackTable``), for one budget or several.
 """
@@ -81,6 +82,8 @@ def _fixed_schemes(layers: Sequence[LayerInfo], keep: Sequence[tuple[str, Scheme
                 hint = "; the input embeddings are planned only with --embeddings"
             raise BudgetError(f"--keep {pattern!r} matches no quantizable layer (e.g. {layers[0].name}){hint}")
         for layer in matched:
+            if layer.name in fixed:
+                continue  # the first matching rule wins
             if not scheme.fits(layer.shape[1]):
                 raise BudgetError(f"--keep {pattern}: {scheme.name} does not fit {layer.name} (in_features {layer.shape[1]})")
             fixed[layer.name] = scheme
