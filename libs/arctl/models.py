@@ -200,12 +200,17 @@ def fused_group(name: str) -> str | None:
     return None
 
 
+def _name_of(model: nn.Module, module: object, kind: type[nn.Module]) -> str | None:
+    """The dotted name of ``module`` in ``model`` when it is a ``kind``, else None."""
+    if not isinstance(module, kind):
+        return None
+    return next((name for name, candidate in model.named_modules() if candidate is module), None)
+
+
 def output_layer_name(model: nn.Module) -> str | None:
     """The dotted name of the model's output layer (``lm_head``) when it is an ``nn.Linear``, else None."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
-        return None
-    return next((name for name, module in model.named_modules() if module is head), None)
+    return _name_of(model, head, nn.Linear)
 
 
 EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
@@ -220,9 +225,7 @@ def is_input_embedding(name: str) -> bool:
 def input_embedding_name(model: nn.Module) -> str | None:
     """The dotted name of the model's input embeddings when they are an ``nn.Embedding``, else None."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not isinstance(embeddings, nn.Embedding):
-        return None
-    return next((name for name, module in model.named_modules() if module is embeddings), None)
+    return _name_of(model, embeddings, nn.Embedding)
 
 
 _FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
@@ -272,17 +275,22 @@ def untied_output(model: nn.Module) -> Iterator[None]:
             model.config.tie_word_embeddings = True
 
 
+def _unfused_layer(model: nn.Module, name: str | None, refusal: str) -> LayerInfo:
+    """The layer ``name`` outside the blocks (no fused group); ``ValueError(refusal)`` when None."""
+    if name is None:
+        raise ValueError(refusal)
+    weight = model.get_submodule(name).weight
+    return LayerInfo(name=name, shape=(int(weight.shape[0]), int(weight.shape[1])), fused_group=None)
+
+
 def quantizable_layers(model: nn.Module, with_head: bool = False, with_embeddings: bool = False) -> list[LayerInfo]:
     """Every ``nn.Linear`` inside a decoder block except MoE routers, in model order; the input
     embeddings first when ``with_embeddings`` and the output layer last when ``with_head``
     (``ValueError`` when the model's are not an ``nn.Embedding`` / ``nn.Linear``)."""
     layers = []
     if with_embeddings:
-        embeddings = input_embedding_name(model)
-        if embeddings is None:
-            raise ValueError("the model's input embeddings are not an embedding table: they cannot be quantized")
-        weight = model.get_submodule(embeddings).weight
-        layers.append(LayerInfo(name=embeddings, shape=(int(weight.shape[0]), int(weight.shape[1])), fused_group=None))
+        refusal = "the model's input embeddings are not an embedding table: they cannot be quantized"
+        layers.append(_unfused_layer(model, input_embedding_name(model), refusal))
     for block_name, block in decoder_blocks(model):
         for sub_name, module in block.named_modules():
             if not isinstance(module, nn.Linear):
@@ -293,11 +301,8 @@ def quantizable_layers(model: nn.Module, with_head: bool = False, with_embedding
             shape = (int(module.out_features), int(module.in_features))
             layers.append(LayerInfo(name=name, shape=shape, fused_group=fused_group(name)))
     if with_head:
-        head = output_layer_name(model)
-        if head is None:
-            raise ValueError("the model's output layer is not a linear layer: it cannot be quantized")
-        weight = model.get_submodule(head).weight
-        layers.append(LayerInfo(name=head, shape=(int(weight.shape[0]), int(weight.shape[1])), fused_group=None))
+        refusal = "the model's output layer is not a linear layer: it cannot be quantized"
+        layers.append(_unfused_layer(model, output_layer_name(model), refusal))
     return layers
 
 

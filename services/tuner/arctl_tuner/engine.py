@@ -98,11 +98,14 @@ def tune_model(
         fingerprint(loaded.sha256, plan, settings, calibration.input_ids),
         resume,
     )
+    # the input embeddings are rounded to nearest (SignRound tunes linear layers only), once
+    embeddings = layout.embeddings
+    rounded = {} if embeddings is None else {
+        embeddings.name: quantize(model.get_submodule(embeddings.name).weight.detach(), embeddings.scheme)
+    }
     with frozen_weights(model), tuning_attention(model, dtype):
-        block_stats = _tune_blocks(model, plan, config, calibration, progress, store, layout, dtype)
-    quantized = store.load_all(len(layout.blocks) + (layout.head is not None), plan)
-    if layout.embeddings is not None:
-        quantized[layout.embeddings.name] = _rounded_embeddings(model, layout.embeddings)
+        block_stats = _tune_blocks(model, plan, config, calibration, progress, store, layout, rounded, dtype)
+    quantized = {**store.load_all(len(layout.blocks) + (layout.head is not None), plan), **rounded}
     metadata = {
         "method": "signround",
         **settings,
@@ -144,6 +147,7 @@ def _tune_blocks(
     progress: ProgressCallback,
     store: BlockStore,
     layout: _Layout,
+    rounded_embeddings: dict[str, QuantizedTensor],
     dtype: torch.dtype,
 ) -> list[dict[str, object]]:
     """The block loop, then the output layer; returns per-block stats (losses only: no timings, so
@@ -155,8 +159,7 @@ def _tune_blocks(
     inputs = capture_block_inputs(model, blocks[0][1], calibration.input_ids)
     fp_stream = q_stream = inputs.hidden
     if layout.embeddings is not None and config.enable_quanted_input:
-        rounded = {layout.embeddings.name: _rounded_embeddings(model, layout.embeddings)}
-        with fake_quantized(model, "", [layout.embeddings], rounded):
+        with fake_quantized(model, "", [layout.embeddings], rounded_embeddings):
             q_stream = capture_block_inputs(model, blocks[0][1], calibration.input_ids).hidden
     block_stats: list[dict[str, object]] = []
     batch = config.batch_size
@@ -192,11 +195,6 @@ def _tune_blocks(
         block_stats.append(_stats_entry(head.name, stats))
         progress(_block_progress(index, total, head.name, stats, resumed=saved is not None))
     return block_stats
-
-
-def _rounded_embeddings(model: nn.Module, layer: LayerPlan) -> QuantizedTensor:
-    """The input embeddings rounded to nearest: SignRound tunes linear layers only."""
-    return quantize(model.get_submodule(layer.name).weight.detach(), layer.scheme)
 
 
 def _stats_entry(name: str, stats: BlockStats) -> dict[str, object]:
