@@ -22,6 +22,7 @@ from arctl_tuner import engine
 from arctl_tuner.blocks import capture_block_inputs, run_block
 from arctl_tuner.config import RECIPES, TuneConfig, TuneConfigError, recipe
 from arctl_tuner.engine import default_work_dir, tune_model
+from arctl_tuner.precision import native_bfloat16, resolve_compute_dtype
 from arctl_tuner.resume import ResumeMismatchError
 from arctl_tuner.rtn import PlanMismatchError
 from arctl_tuner.signround import tune_block
@@ -252,6 +253,19 @@ def test_bfloat16_tuning_on_cpu_runs_eager_attention_and_gives_the_model_its_own
     tune_model(loaded, plan, tmp_path / "ckpt32", TuneConfig(iters=3, batch_size=4, nsamples=8, seqlen=32, dtype="float32"),
                _calibration())
     assert set(seen) == {"sdpa"}
+
+
+def test_auto_compute_dtype_is_bfloat16_only_where_the_device_multiplies_in_it(tmp_path: Path) -> None:
+    cpu = torch.device("cpu")
+    assert TuneConfig().dtype == "auto"
+    assert resolve_compute_dtype("auto", cpu) == ("bfloat16" if native_bfloat16(cpu) else "float32")
+    assert resolve_compute_dtype("float32", cpu) == "float32"
+    assert resolve_compute_dtype("bfloat16", cpu) == "bfloat16"
+    loaded = _loaded()
+    plan = plan_uniform(loaded, get_scheme("W4A16G32"))
+    config = TuneConfig(iters=2, batch_size=4, nsamples=8, seqlen=32)
+    metadata = read_checkpoint(tune_model(loaded, plan, tmp_path / "ckpt", config, _calibration())).metadata
+    assert metadata["dtype"] == resolve_compute_dtype("auto", cpu)  # the dtype that ran, not "auto"
 
 
 @pytest.mark.parametrize("scheme, held_out", [("W4A16G32", False), ("W8A16G32", True)])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
 
 class TuneConfigError(ValueError):
     """Settings that cannot run (non-positive sizes, unknown recipe, ...)."""
@@ -29,7 +31,11 @@ class TuneConfig:
             block 3 (16 x 256 tokens, 30 iters), tuned block MSE: W2 g32 asym 0.108 -> 0.093,
             W3 g64 0.042 -> 0.037, MXFP4 0.028 -> 0.021, W4 g64 unchanged (0.0132 vs 0.0133).
         dtype: compute dtype of the block forward and backward passes: ``bfloat16`` (autocast, as
-            AutoRound's default amp) or ``float32``. Quantization math and the loss stay in float32.
+            AutoRound's default amp), ``float32``, or ``auto``: bfloat16 where the device multiplies
+            in it natively, float32 elsewhere (``arctl_tuner.precision``; on CPUs without bfloat16
+            instructions a bfloat16 step is several times slower). The engine replaces ``auto`` by the
+            dtype it chose before anything is fingerprinted or recorded. Quantization math and the
+            loss stay in float32.
         holdout: fraction of the calibration samples kept out of the training steps and used to
             pick the best iteration, in blocks whose quantized layers all have at least
             ``holdout_min_bits`` bits; elsewhere (and with 0) AutoRound's rule, the lowest
@@ -58,7 +64,7 @@ class TuneConfig:
     enable_minmax_tuning: bool = True
     enable_quanted_input: bool = True
     search_init_clip: bool = True
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     holdout: float = 0.125
     holdout_min_bits: int = 5
     tune_max_bits: int = 4
@@ -77,8 +83,8 @@ class TuneConfig:
                 raise TuneConfigError(f"{name} must be positive, got {value}")
         if not 0.0 <= self.holdout < 1.0:
             raise TuneConfigError(f"holdout must be in [0, 1), got {self.holdout}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise TuneConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise TuneConfigError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
 
     def holdout_count(self, nsamples: int) -> int:
         """Samples held out of ``nsamples``: at least one when ``holdout`` > 0, but never so many

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from arctl_tuner.blocks import capture_block_inputs, run_block, tuning_attention
 from arctl_tuner.calibration import fake_quantized
 from arctl_tuner.config import TuneConfig, TuneConfigError
 from arctl_tuner.head import tune_head
+from arctl_tuner.precision import resolve_compute_dtype, torch_dtype
 from arctl_tuner.resume import BlockStore, fingerprint
 from arctl_tuner.rtn import PlanMismatchError, check_plan_fits, quantize_rtn, write_quantized_checkpoint
 from arctl_tuner.signround import BlockStats, tune_block
@@ -90,7 +91,8 @@ def tune_model(
         raise TuneConfigError("SignRound needs calibration data (iters > 0)")
     model = loaded.model
     check_plan_fits(model, plan)
-    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    config = replace(config, dtype=resolve_compute_dtype(config.dtype, next(model.parameters()).device))
+    dtype = torch_dtype(config.dtype)
     layout = _layout(model, plan)
     settings = config.to_dict()
     store = BlockStore(

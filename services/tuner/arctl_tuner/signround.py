@@ -29,6 +29,7 @@ from arctl.quant import QuantizedTensor
 from arctl.quant.activations import static_input_scale
 from arctl_tuner.blocks import _autocast, block_output, run_block
 from arctl_tuner.config import TuneConfig
+from arctl_tuner.precision import resolve_compute_dtype, torch_dtype
 from arctl_tuner.rtn import fused_nvfp4_global_scales
 from arctl_tuner.signsgd import CyclicSampler, clamp_factors, linear_decay, signed_step
 from arctl_tuner.tunable import TunableLinear, swapped
@@ -114,7 +115,7 @@ def tune_block(
     }
     for name, scale in fused_nvfp4_global_scales(block, prefix, layers).items():
         tunables[name[len(prefix):]].global_scale = scale
-    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    dtype = torch_dtype(resolve_compute_dtype(config.dtype, q_inputs.device))
     mixed = any(t.scheme.bits <= config.tune_max_bits for t in tunables.values())
     trained = {name: t for name, t in tunables.items() if not mixed or t.scheme.bits <= config.tune_max_bits}
     for name, tunable in tunables.items():
