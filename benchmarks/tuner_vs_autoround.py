@@ -68,9 +68,10 @@ Usage::
         --eval-windows 40
 
 GPU note: ``--device cuda`` puts auto-round on ``device_map="cuda"`` and arctl's model and
-calibration ids on the GPU. Untested here (no GPU on this machine); arctl's tuner as of this
-writing creates its tunable parameters on the CPU and autocasts with ``device_type="cpu"``, so its
-side needs a device-aware tuner first.
+calibration ids on the GPU. arctl's tuner creates its parameters on the model's device, autocasts on
+that device (bfloat16 where the device supports it, ``TuneConfig.dtype="auto"``) and writes its
+checkpoint from host memory; no GPU run of it has been made yet (none was lent to the sessions that
+wrote it).
 
 Flags: --nsamples --seqlen --iters --batch-size --seed --calib --eval-seqlen --eval-windows
 --schemes (comma list of arctl presets) --out --device (auto | cpu | cuda) --work-dir --keep-work

@@ -176,8 +176,10 @@ def write_checkpoint(
         raise ValueError(f"layers with static activation quantization lack their calibrated input scale: {uncalibrated[:3]}")
     tensors, aliases = unique_tensors(float_tensors)
     with atomic_directory(Path(out_dir)) as tmp:
-        save_file(flatten_quantized(quantized), str(tmp / QUANTIZED_FILE), metadata={"format": CHECKPOINT_FORMAT})
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": CHECKPOINT_FORMAT})
+        on_cpu = {name: qt.to("cpu") for name, qt in quantized.items()}  # safetensors writes host memory
+        save_file(flatten_quantized(on_cpu), str(tmp / QUANTIZED_FILE), metadata={"format": CHECKPOINT_FORMAT})
+        save_file({name: tensor.cpu() for name, tensor in tensors.items()}, str(tmp / TENSORS_FILE),
+                  metadata={"format": CHECKPOINT_FORMAT})
         (tmp / "plan.json").write_text(plan.to_json(), encoding="utf-8")
         (tmp / "metadata.json").write_text(
             json.dumps({**metadata, "aliases": aliases}, indent=2, default=str) + "\n", encoding="utf-8"

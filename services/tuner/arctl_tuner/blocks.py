@@ -30,7 +30,8 @@ class BlockInputs:
 
 
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor) -> BlockInputs:
-    """Run ``model`` on each row of ``input_ids`` ``[n, seqlen]`` up to ``first_block``; return its inputs."""
+    """Run ``model`` on each row of ``input_ids`` ``[n, seqlen]`` (on any device) up to ``first_block``;
+    return its inputs, on the model's device."""
     hidden: list[torch.Tensor] = []
     captured_kwargs: dict[str, Any] = {}
 
@@ -41,12 +42,13 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: to
             captured_kwargs.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _Stop
 
+    device = next(model.parameters()).device
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             for row in input_ids:
                 try:
-                    model(row.unsqueeze(0), use_cache=False)
+                    model(row.unsqueeze(0).to(device), use_cache=False)
                 except _Stop:
                     continue
     finally:
@@ -68,14 +70,15 @@ def run_block(
 ) -> torch.Tensor:
     """Outputs of ``block`` for every cached sample, ``batch_size`` at a time, without gradients."""
     outputs = []
-    with torch.no_grad(), _autocast(dtype):
+    with torch.no_grad(), autocast_to(dtype, hidden.device):
         for chunk in hidden.split(batch_size):
             outputs.append(block_output(block, chunk, kwargs).to(hidden.dtype))
     return torch.cat(outputs, dim=0)
 
 
-def _autocast(dtype: torch.dtype):
-    return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+def autocast_to(dtype: torch.dtype, device: torch.device) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device`` (off for float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 @contextmanager

@@ -64,11 +64,12 @@ def calibrate_input_scales(
 
         return hook
 
+    device = next(model.parameters()).device
     handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in static]
     try:
         with fake_quantized(model, "", layers, quantized), torch.no_grad():
             for row in input_ids:
-                model(row.unsqueeze(0), use_cache=False)
+                model(row.unsqueeze(0).to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -27,7 +27,7 @@ from torch.nn import functional
 from arctl.plan import LayerPlan
 from arctl.quant import QuantizedTensor
 from arctl.quant.activations import static_input_scale
-from arctl_tuner.blocks import _autocast, block_output, run_block
+from arctl_tuner.blocks import autocast_to, block_output, run_block
 from arctl_tuner.config import TuneConfig
 from arctl_tuner.precision import resolve_compute_dtype, torch_dtype
 from arctl_tuner.rtn import fused_nvfp4_global_scales
@@ -161,7 +161,7 @@ def tune_block(
             if step == iters:
                 break
             batch = sampler.next()
-            with _autocast(dtype):
+            with autocast_to(dtype, q_inputs.device):
                 output = block_output(block, q_inputs[batch], kwargs)
             loss = _mse(output, targets[batch])
             loss.backward()

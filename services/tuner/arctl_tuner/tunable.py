@@ -32,10 +32,11 @@ class TunableLinear(nn.Module):
         self.scheme = scheme
         out_features, in_features = linear.weight.shape
         groups = 1 if scheme.group_size == PER_CHANNEL else scheme.groups(in_features)
-        self.offset = nn.Parameter(torch.zeros(out_features, in_features))
-        self.max_factor = nn.Parameter(torch.ones(out_features, groups)) if tune_minmax else None
+        device = linear.weight.device
+        self.offset = nn.Parameter(torch.zeros(out_features, in_features, device=device))
+        self.max_factor = nn.Parameter(torch.ones(out_features, groups, device=device)) if tune_minmax else None
         with_min = tune_minmax and scheme.dtype == "int"
-        self.min_factor = nn.Parameter(torch.ones(out_features, groups)) if with_min else None
+        self.min_factor = nn.Parameter(torch.ones(out_features, groups, device=device)) if with_min else None
         self.input_scale: torch.Tensor | None = None
         self.global_scale: torch.Tensor | None = None  # NVFP4: shared by a fused group
 
@@ -75,11 +76,12 @@ class TunableLinear(nn.Module):
         if self.max_factor is None:
             return
         weight = self.linear.weight.detach().float()
+        input_sq = input_sq.to(weight.device)
         out_features, groups = self.max_factor.shape
-        best_error = torch.full((out_features, groups), float("inf"))
-        best_factor = torch.ones(out_features, groups)
+        best_error = torch.full((out_features, groups), float("inf"), device=weight.device)
+        best_factor = torch.ones(out_features, groups, device=weight.device)
         for value in candidates.tolist():
-            factor = torch.full((out_features, groups), value)
+            factor = torch.full((out_features, groups), value, device=weight.device)
             min_factor = factor if self.min_factor is not None else None
             quantized = fused_fake_quantize(weight, self.scheme, None, min_factor, factor, global_scale=self.global_scale)
             error = (quantized - weight).pow(2) * input_sq
@@ -93,9 +95,9 @@ class TunableLinear(nn.Module):
 
     @torch.no_grad()
     def quantized(self) -> QuantizedTensor:
-        """The stored form with the current learned parameters (and the calibrated input scale)."""
+        """The stored form with the current learned parameters (and the calibrated input scale), on the CPU."""
         qt = quantize(self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor, self.global_scale)
-        return replace(qt, input_scale=self.input_scale)
+        return replace(qt, input_scale=self.input_scale).to("cpu")
 
 
 @contextmanager
