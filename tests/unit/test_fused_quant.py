@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from arctl.quant import fake_quantize
-from arctl.quant.fused import fused_fake_quantize
+from arctl.quant.fused import fused_clip_errors, fused_fake_quantize
 from arctl.schemes import PER_CHANNEL, PRESETS, get_scheme
 
 QUANTIZED = sorted(name for name, scheme in PRESETS.items() if scheme.quantized)
@@ -68,3 +68,22 @@ def test_fused_passes_the_weight_gradient_where_the_code_is_not_clamped() -> Non
     fused_fake_quantize(got_weight, scheme).sum().backward()
     # through the scale (amax) the weight gets more than the straight-through part: compare both whole
     torch.testing.assert_close(got_weight.grad, expected_weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme_name", QUANTIZED)
+def test_fused_clip_errors_match_quantizing_once_per_factor(scheme_name: str) -> None:
+    scheme = get_scheme(scheme_name)
+    weight, _, _, _ = _inputs(scheme_name, 3)
+    input_sq = torch.rand(128, generator=torch.Generator().manual_seed(4))
+    factors = [0.6, 0.75, 0.9, 1.0]
+    with_min = scheme.dtype == "int"
+    errors = fused_clip_errors(weight, scheme, factors, input_sq, with_min)
+    if errors is None:
+        assert scheme.dtype not in ("int",) and not (scheme.dtype == "mxfp" and scheme.bits == 4)
+        return
+    groups = 1 if scheme.group_size == PER_CHANNEL else scheme.groups(128)
+    for index, value in enumerate(factors):
+        factor = torch.full((24, groups), value)
+        quantized = fake_quantize(weight, scheme, None, factor if with_min else None, factor)
+        expected = ((quantized - weight).pow(2) * input_sq).reshape(24, groups, -1).sum(-1)
+        torch.testing.assert_close(errors[index], expected, rtol=1e-5, atol=1e-12)

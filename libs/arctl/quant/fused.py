@@ -174,6 +174,53 @@ def _fused_mx4(weight: torch.Tensor, scheme: Scheme, offset: torch.Tensor | None
     return from_groups(_Mx4Qdq.apply(grouped, exponent, shaped_offset, dtype))
 
 
+# --- clipping search -------------------------------------------------------------------------------
+
+
+def _int_clip_errors(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
+                     input_sq: torch.Tensor) -> torch.Tensor:
+    quantized = ((torch.round(grouped / scale) + zero).clamp(min=0).minimum(maxq) - zero) * scale
+    return ((quantized - grouped).pow(2) * input_sq).sum(-1)
+
+
+def _mx4_clip_errors(grouped: torch.Tensor, exponent: torch.Tensor, input_sq: torch.Tensor) -> torch.Tensor:
+    clamped = (grouped * torch.exp2(-exponent)).clamp(-FP4_MAX, FP4_MAX)
+    quantized = torch.copysign(round_fp4_magnitude(clamped.abs()), clamped) * torch.exp2(exponent)
+    return ((quantized - grouped).pow(2) * input_sq).sum(-1)
+
+
+_INT_CLIP_ERRORS = _Kernel(_int_clip_errors)
+_MX4_CLIP_ERRORS = _Kernel(_mx4_clip_errors)
+
+
+@torch.no_grad()
+def fused_clip_errors(weight: torch.Tensor, scheme: Scheme, factors: list[float], input_sq: torch.Tensor,
+                      with_min: bool) -> torch.Tensor | None:
+    """``sum_j input_sq_j (w_j - q(w)_j)^2`` per group of ``weight`` ``[out, in]`` round to nearest with
+    each clipping factor in ``factors`` (on the group maximum, and on the minimum too when ``with_min``),
+    ``[len(factors), out, groups]``, from one compiled pass that forms no quantized weight; None for
+    schemes without a fused kernel (the caller quantizes once per factor instead).
+
+    The group extremes are taken once: the scale of a group depends on its values only through them,
+    so ``int_scale_zero`` and ``mx_exponent`` of the ``[out, groups, 2]`` extremes equal those of the group.
+    """
+    int_scheme = scheme.quantized and scheme.dtype == "int"
+    mx4_scheme = scheme.quantized and scheme.dtype == "mxfp" and scheme.bits == 4 and not with_min
+    if not (int_scheme or mx4_scheme):
+        return None
+    grouped = to_groups(weight.float(), scheme)
+    extremes = torch.cat([grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)], dim=-1)
+    shape = extremes.shape[:-1]
+    full = [torch.full(shape, value, device=weight.device) for value in factors]
+    sq = input_sq.to(weight.device).reshape(grouped.shape[1:])
+    if int_scheme:
+        scales, zeros = zip(*(int_scale_zero(extremes, scheme, f if with_min else None, f) for f in full), strict=True)
+        maxq = torch.tensor(float(2**scheme.bits - 1), device=weight.device)
+        return _INT_CLIP_ERRORS(grouped, torch.stack(scales), torch.stack(zeros), maxq, sq)
+    exponents = torch.stack([mx_exponent(extremes, scheme.bits, f) for f in full])
+    return _MX4_CLIP_ERRORS(grouped, exponents, sq)
+
+
 def fused_fake_quantize(
     weight: torch.Tensor,
     scheme: Scheme,

@@ -21,7 +21,7 @@ from torch.nn import functional
 
 from arctl.quant import QuantizedTensor, quantize
 from arctl.quant.activations import fake_quantize_activation
-from arctl.quant.fused import fused_fake_quantize
+from arctl.quant.fused import fused_clip_errors, fused_fake_quantize
 from arctl.schemes import PER_CHANNEL, Scheme
 
 
@@ -72,26 +72,27 @@ class TunableLinear(nn.Module):
     @torch.no_grad()
     def search_clipping(self, input_sq: torch.Tensor, candidates: torch.Tensor) -> None:
         """Start the clipping factors at the per-group value among ``candidates`` that minimizes the
-        activation-weighted error ``sum_j E[x_j^2] (w_j - q(w)_j)^2`` (``input_sq``: ``[in]``)."""
+        activation-weighted error ``sum_j E[x_j^2] (w_j - q(w)_j)^2`` (``input_sq``: ``[in]``; the
+        first of equal errors)."""
         if self.max_factor is None:
             return
         weight = self.linear.weight.detach().float()
-        input_sq = input_sq.to(weight.device)
-        out_features, groups = self.max_factor.shape
-        best_error = torch.full((out_features, groups), float("inf"), device=weight.device)
-        best_factor = torch.ones(out_features, groups, device=weight.device)
-        for value in candidates.tolist():
-            factor = torch.full((out_features, groups), value, device=weight.device)
-            min_factor = factor if self.min_factor is not None else None
-            quantized = fused_fake_quantize(weight, self.scheme, None, min_factor, factor, global_scale=self.global_scale)
-            error = (quantized - weight).pow(2) * input_sq
-            per_group = error.reshape(out_features, groups, -1).sum(-1)
-            better = per_group < best_error
-            best_error = torch.where(better, per_group, best_error)
-            best_factor = torch.where(better, factor, best_factor)
+        values = candidates.tolist()
+        with_min = self.min_factor is not None
+        errors = None if self.global_scale is not None else fused_clip_errors(weight, self.scheme, values, input_sq, with_min)
+        if errors is None:
+            errors = torch.stack([self._clip_error(weight, input_sq.to(weight.device), value, with_min) for value in values])
+        best_factor = candidates.to(weight.device)[errors.argmin(0)]
         self.max_factor.copy_(best_factor)
-        if self.min_factor is not None:
+        if with_min:
             self.min_factor.copy_(best_factor)
+
+    def _clip_error(self, weight: torch.Tensor, input_sq: torch.Tensor, value: float, with_min: bool) -> torch.Tensor:
+        """The per-group error of round to nearest with clipping factor ``value``, ``[out, groups]``."""
+        factor = torch.full_like(self.max_factor, value)
+        quantized = fused_fake_quantize(weight, self.scheme, None, factor if with_min else None, factor,
+                                        global_scale=self.global_scale)
+        return ((quantized - weight).pow(2) * input_sq).reshape(*factor.shape, -1).sum(-1)
 
     @torch.no_grad()
     def quantized(self) -> QuantizedTensor:
