@@ -20,6 +20,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_features() -> list[str]:
+    """The vector and matrix extensions that decide CPU matmul speed (bfloat16 is slow without the last two)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                present = set(line.split(":", 1)[1].split())
+                return [flag for flag in wanted if flag in present]
+    return []
+
+
 def resolve_device(name: str) -> str:
     """``auto`` -> ``cuda`` when torch sees a CUDA device, else ``cpu``; an explicit name as given."""
     import torch

@@ -109,7 +109,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine_facts import cpu_model, resolve_device
+from machine_facts import cpu_features, cpu_model, resolve_device
 
 # No torch at module level: the orchestrating process must stay small (see the docstring).
 
@@ -406,6 +406,7 @@ def worker_arctl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "loadavg_after": os.getloadavg(),
         "checkpoint": str(path),
         "tune_config": config.to_dict(),
+        "compute_dtype": json.loads((Path(path) / "metadata.json").read_text())["dtype"],
         "torch_threads": torch.get_num_threads(),
         "source": source_fingerprint(),
     }
@@ -748,6 +749,7 @@ def run_parent(args: argparse.Namespace) -> None:
             "auto_round": prepared.get("auto_round"),
             "torch_threads": prepared.get("torch_threads"),
             "cpu_model": cpu_model(),
+            "cpu_features": cpu_features(),
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
             "loadavg_at_start": list(os.getloadavg()),
