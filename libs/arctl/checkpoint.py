@@ -46,9 +46,10 @@ class CheckpointError(ValueError):
 
 
 def flatten_quantized(quantized: Mapping[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
-    """``{"<layer>.codes": ..., "<layer>.scales": ..., ...}`` for safetensors (absent parts left out)."""
+    """``{"<layer>.codes": ..., "<layer>.scales": ..., ...}`` for safetensors, in host memory (absent parts
+    left out)."""
     return {
-        f"{name}.{part}": getattr(qt, part).contiguous()
+        f"{name}.{part}": getattr(qt, part).contiguous().cpu()
         for name, qt in quantized.items()
         for part in _PARTS
         if getattr(qt, part) is not None
@@ -176,8 +177,7 @@ def write_checkpoint(
         raise ValueError(f"layers with static activation quantization lack their calibrated input scale: {uncalibrated[:3]}")
     tensors, aliases = unique_tensors(float_tensors)
     with atomic_directory(Path(out_dir)) as tmp:
-        on_cpu = {name: qt.to("cpu") for name, qt in quantized.items()}  # safetensors writes host memory
-        save_file(flatten_quantized(on_cpu), str(tmp / QUANTIZED_FILE), metadata={"format": CHECKPOINT_FORMAT})
+        save_file(flatten_quantized(quantized), str(tmp / QUANTIZED_FILE), metadata={"format": CHECKPOINT_FORMAT})
         save_file({name: tensor.cpu() for name, tensor in tensors.items()}, str(tmp / TENSORS_FILE),
                   metadata={"format": CHECKPOINT_FORMAT})
         (tmp / "plan.json").write_text(plan.to_json(), encoding="utf-8")

@@ -34,15 +34,6 @@ class QuantizedTensor:
     global_scale: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> QuantizedTensor:
-        """The same tensors on ``device``."""
-
-        def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.to(device)
-
-        return QuantizedTensor(self.scheme, self.codes.to(device), self.scales.to(device), moved(self.zeros),
-                               moved(self.global_scale), moved(self.input_scale))
-
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))

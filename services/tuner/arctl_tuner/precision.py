@@ -4,10 +4,9 @@ AutoRound autocasts its blocks to bfloat16 by default and turns that off on a CP
 type (auto-round 0.16.1 on AMD EPYC Zen 3: "amp is set to FALSE ..."). On such a CPU (AVX2 only)
 PyTorch's bfloat16 matrix products fall back to slow code: on 2 Zen 3 cores, ``[1024, 576] x
 [576, 1536]`` took 102 ms in bfloat16 and 16 ms in float32, and the input-gradient product
-``[1024, 1536] x [1536, 576]`` 900 ms and 14 ms. ``auto``
-picks bfloat16 on a CUDA device that supports it and on a CPU with native bfloat16 arithmetic
-(x86: AVX512-BF16 or AMX, asked of ``torch.cpu``'s private probes; other CPUs: what oneDNN
-reports), float32 everywhere else.
+``[1024, 1536] x [1536, 576]`` 900 ms and 14 ms. ``auto`` picks bfloat16 on a CUDA device that
+supports it and on a CPU with native bfloat16 arithmetic (x86: AVX512-BF16 or AMX, asked of
+``torch.cpu``'s private probes; other CPUs: what oneDNN reports), float32 everywhere else.
 """
 
 from __future__ import annotations

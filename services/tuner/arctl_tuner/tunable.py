@@ -81,7 +81,8 @@ class TunableLinear(nn.Module):
         with_min = self.min_factor is not None
         errors = None if self.global_scale is not None else fused_clip_errors(weight, self.scheme, values, input_sq, with_min)
         if errors is None:
-            errors = torch.stack([self._clip_error(weight, input_sq.to(weight.device), value, with_min) for value in values])
+            input_sq = input_sq.to(weight.device)
+            errors = torch.stack([self._clip_error(weight, input_sq, value, with_min) for value in values])
         best_factor = candidates.to(weight.device)[errors.argmin(0)]
         self.max_factor.copy_(best_factor)
         if with_min:
@@ -96,9 +97,9 @@ class TunableLinear(nn.Module):
 
     @torch.no_grad()
     def quantized(self) -> QuantizedTensor:
-        """The stored form with the current learned parameters (and the calibrated input scale), on the CPU."""
+        """The stored form with the current learned parameters (and the calibrated input scale)."""
         qt = quantize(self.linear.weight, self.scheme, self.offset, self.min_factor, self.max_factor, self.global_scale)
-        return replace(qt, input_scale=self.input_scale).to("cpu")
+        return replace(qt, input_scale=self.input_scale)
 
 
 @contextmanager
