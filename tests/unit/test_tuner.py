@@ -135,6 +135,21 @@ def test_holdout_keeps_the_initial_parameters_when_training_only_hurts_them() ->
     assert all(torch.equal(quantized[key].codes, reference[key].codes) for key in reference)
 
 
+def test_blocks_keep_the_last_step_or_below_last_min_bits_the_lowest_batch_loss() -> None:
+    block, name, layers, inputs, targets = _first_block_problem("W4A16G32")
+    # a step size of 3 moves every rounding offset by 3 levels: each step makes the block worse
+    settings = {"iters": 4, "batch_size": 4, "nsamples": 8, "seqlen": 32, "dtype": "float32", "lr": 3.0}
+    initial, _ = tune_block(block, name, layers, inputs.hidden, targets, inputs.kwargs, TuneConfig(**{**settings, "iters": 0}), 0)
+    same_as_initial = lambda tuned: all(torch.equal(tuned[key].codes, initial[key].codes) for key in initial)
+    batch, batch_stats = tune_block(block, name, layers, inputs.hidden, targets, inputs.kwargs,
+                                    TuneConfig(**settings, last_min_bits=5), seed=0)
+    assert batch_stats.best_iter == 0 and batch_stats.loss_after == batch_stats.loss_before and same_as_initial(batch)
+    last, last_stats = tune_block(block, name, layers, inputs.hidden, targets, inputs.kwargs,
+                                  TuneConfig(**settings, last_min_bits=4), seed=0)
+    assert last_stats.best_iter == 4 and last_stats.loss_after > last_stats.loss_before and not same_as_initial(last)
+    assert last_stats.loss_before == batch_stats.loss_before  # both: the first training batch before any step
+
+
 def test_holdout_picks_a_later_iteration_when_training_helps() -> None:
     block, name, layers, inputs, targets = _first_block_problem("W2A16G32")
     config = TuneConfig(iters=40, batch_size=4, nsamples=8, seqlen=32, dtype="float32", holdout=0.25, holdout_min_bits=2)
@@ -146,7 +161,8 @@ def test_holdout_picks_a_later_iteration_when_training_helps() -> None:
 def test_every_scheme_tunes_and_beats_rtn_on_the_block_loss(scheme: str, tmp_path: Path) -> None:
     loaded = _loaded()
     plan = plan_uniform(loaded, get_scheme(scheme))
-    # AutoRound's best-iteration rule in every block (held-out selection is tested on its own)
+    # no held-out samples in any block (held-out selection is tested on its own): each block's kept
+    # parameters, those after the last step, must have lowered its loss on the first training batch
     config = TuneConfig(iters=30, batch_size=4, nsamples=8, seqlen=32, dtype="float32", holdout=0.0)
     path = tune_model(loaded, plan, tmp_path / "ckpt", config, _calibration())
     blocks = read_checkpoint(path).metadata["blocks"]

@@ -38,13 +38,23 @@ class TuneConfig:
             loss stay in float32.
         holdout: fraction of the calibration samples kept out of the training steps and used to
             pick the best iteration, in blocks whose quantized layers all have at least
-            ``holdout_min_bits`` bits; elsewhere (and with 0) AutoRound's rule, the lowest
-            training-batch loss. Measured on SmolLM2 (32 x 128 C4 tokens, 20 iters, WikiText-2 ppl /
-            KL): W5 g32 asym RTN 25.43 / 0.0575, tuned 26.38 / 0.0721 (tuning hurts), tuned with
+            ``holdout_min_bits`` bits; elsewhere (and with 0) ``selection`` decides. Measured on
+            SmolLM2 (32 x 128 C4 tokens, 20 iters, WikiText-2 ppl / KL; against the "batch" rule,
+            bfloat16): W5 g32 asym RTN 25.43 / 0.0575, tuned 26.38 / 0.0721 (tuning hurts), tuned with
             holdout 1/8 25.47 / 0.0544; but W3 g64 50.19 / 0.670 -> 51.49 / 0.685 with it and W4 g64
             30.23 / 0.198 -> 29.83 / 0.209: at 4 bits and below the held-out samples are worth more
             as training data.
         holdout_min_bits: see ``holdout``.
+        last_min_bits: which parameters a block without held-out samples keeps: those after the
+            last step when its quantized layers all have at least this many bits, else those of
+            the lowest training-batch loss (AutoRound's best iteration, which compares losses of
+            different batches). Measured on SmolLM2 (32 x 128 C4 tokens, 20 iters, float32,
+            WikiText-2 ppl / KL; last step vs lowest batch loss; auto-round 0.16.1 on the same
+            samples): W3 g64 seeds 42 / 1 / 2 47.82 / 49.28 / 49.07 (KL 0.634 / 0.658 / 0.654) vs
+            50.53 / 54.89 / 53.54 (KL 0.682 / 0.722 / 0.727; auto-round 48.33 / 52.05 / 50.75, KL
+            0.675 / 0.739 / 0.698); W4 g64 30.86 / 0.205 vs 29.97 / 0.215;
+            MXFP4 31.74 / 0.290 vs 33.58 / 0.297; but W2 g32 asym 371.5 / 2.59 vs 216.4 / 2.05 (seed 42;
+            the last three lowest-batch numbers are tuner_vs_autoround's at f773aee).
         tune_max_bits: in a block that has layers of at most this many bits, the layers with more
             keep round-to-nearest (still quantized in the block's forward, so the others are tuned
             around them); blocks of wider layers only are tuned whole. In mixed-bit plans the wide
@@ -68,6 +78,7 @@ class TuneConfig:
     holdout: float = 0.125
     holdout_min_bits: int = 5
     tune_max_bits: int = 4
+    last_min_bits: int = 3
 
     def __post_init__(self) -> None:
         if self.iters < 0:

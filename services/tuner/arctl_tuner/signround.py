@@ -4,11 +4,13 @@ output (computed from the float stream).
 
 Per iteration: draw a batch from a shuffled cycle, forward the block with fake-quantized weights,
 MSE to the float target, backward, one signed step per parameter with a linearly decaying step
-size. The loss of iteration ``t`` belongs to the parameters before step ``t``; the parameters of
-the lowest loss are kept (AutoRound's "best iteration"). In blocks whose quantized layers all have
-at least ``config.holdout_min_bits`` bits, the last ``config.holdout`` of the samples are held out of
-training instead, and the kept parameters are those with the lowest MSE on them, measured before the
-first step, every ``iters // HOLDOUT_CHECKS`` steps and after the last one. In a block with layers
+size. The loss of iteration ``t`` belongs to the parameters before step ``t``. Which parameters are
+kept: in blocks whose quantized layers all have at least ``config.holdout_min_bits`` bits, the last
+``config.holdout`` of the samples are held out of training, and the kept parameters are those with
+the lowest MSE on them, measured before the first step, every ``iters // HOLDOUT_CHECKS`` steps and
+after the last one. Elsewhere, in blocks of at least ``config.last_min_bits`` bits, those after the
+last step (their loss and the initial one are measured on the first training batch), and in blocks
+of fewer bits those of the lowest training-batch loss (AutoRound's "best iteration"). In a block with layers
 of at most ``config.tune_max_bits`` bits, wider layers are not tuned (round to nearest). Layers with static
 activation quantization get their input scale from the largest input the float block gives them on
 the quantized stream, before tuning, and are tuned behind their quantized inputs.
@@ -38,8 +40,9 @@ from arctl_tuner.tunable import TunableLinear, swapped
 @dataclass(frozen=True)
 class BlockStats:
     """What tuning did to one block: MSE of the initial parameters (iteration 0) and of the kept
-    ones (on the held-out samples when there are any, else on the training batch of that
-    iteration), the iteration they come from (``iters``: after the last step), and the wall time."""
+    ones (on the held-out samples when there are any; else on the first training batch when the
+    last step's are kept, on the training batch of that iteration otherwise), the iteration
+    they come from (``iters``: after the last step), and the wall time."""
 
     loss_before: float
     loss_after: float
@@ -151,21 +154,28 @@ def tune_block(
             best = {name: t.snapshot() for name, t in tunables.items()}
 
     iters = config.iters if trained else 0
+    keep_last = lowest_bits >= config.last_min_bits
     with swapped(block, tunables):
         if not trained:
             consider(float(_mse(run_block(block, q_inputs, kwargs, config.batch_size, dtype), targets)), 0)
+        first_batch: list[int] = []
         for step in range(iters + 1):
             if held and step in checks:
                 held_out = run_block(block, q_inputs[train:], kwargs, config.batch_size, dtype)
                 consider(float(_mse(held_out, targets[train:])), step)
             if step == iters:
+                if not held and keep_last and iters:
+                    final = run_block(block, q_inputs[first_batch], kwargs, config.batch_size, dtype)
+                    best_loss, best_iter = float(_mse(final, targets[first_batch])), iters
+                    best = {name: t.snapshot() for name, t in tunables.items()}
                 break
             batch = sampler.next()
+            first_batch = first_batch or batch
             with autocast_to(dtype, q_inputs.device):
                 output = block_output(block, q_inputs[batch], kwargs)
             loss = _mse(output, targets[batch])
             loss.backward()
-            if not held:
+            if not held and (not keep_last or step == 0):
                 consider(float(loss.detach()), step)
             for tunable in trained.values():
                 bits = tunable.scheme.bits
