@@ -15,8 +15,9 @@ row's offsets and clipping factors move by their own gradient's sign only, so th
 chunks of ``ROWS_PER_CHUNK`` (the tuning state of a 49152-row head at once cost ~1 GB of peak memory
 on SmolLM2), each chunk keeping its own best iteration. The rest is as in a block: signed steps with
 the same step sizes, clipping searched at the start, the best iteration kept (on the held-out
-samples when the layer has at least ``config.holdout_min_bits`` bits); an NVFP4 head keeps the one
-global scale of the whole tensor.
+samples when the layer has at least ``config.holdout_min_bits`` bits; else on every training token,
+so unlike a block's training batches the iterations compare on the same data and
+``config.last_min_bits`` does not apply); an NVFP4 head keeps the one global scale of the whole tensor.
 """
 
 from __future__ import annotations
