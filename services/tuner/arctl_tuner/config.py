@@ -38,9 +38,9 @@ class TuneConfig:
             loss stay in float32.
         holdout: fraction of the calibration samples kept out of the training steps and used to
             pick the best iteration, in blocks whose quantized layers all have at least
-            ``holdout_min_bits`` bits; elsewhere (and with 0) ``selection`` decides. Measured on
-            SmolLM2 (32 x 128 C4 tokens, 20 iters, WikiText-2 ppl / KL; against the "batch" rule,
-            bfloat16): W5 g32 asym RTN 25.43 / 0.0575, tuned 26.38 / 0.0721 (tuning hurts), tuned with
+            ``holdout_min_bits`` bits; elsewhere (and with 0) see ``last_min_bits``. Measured on
+            SmolLM2 (32 x 128 C4 tokens, 20 iters, WikiText-2 ppl / KL; against the lowest-batch-loss
+            rule, in bfloat16): W5 g32 asym RTN 25.43 / 0.0575, tuned 26.38 / 0.0721 (tuning hurts), tuned with
             holdout 1/8 25.47 / 0.0544; but W3 g64 50.19 / 0.670 -> 51.49 / 0.685 with it and W4 g64
             30.23 / 0.198 -> 29.83 / 0.209: at 4 bits and below the held-out samples are worth more
             as training data.
