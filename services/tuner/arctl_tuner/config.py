@@ -53,8 +53,9 @@ class TuneConfig:
             samples): W3 g64 seeds 42 / 1 / 2 47.82 / 49.28 / 49.07 (KL 0.634 / 0.658 / 0.654) vs
             50.53 / 54.89 / 53.54 (KL 0.682 / 0.722 / 0.727; auto-round 48.33 / 52.05 / 50.75, KL
             0.675 / 0.739 / 0.698); W4 g64 30.86 / 0.205 vs 29.97 / 0.215;
-            MXFP4 31.74 / 0.290 vs 33.58 / 0.297; but W2 g32 asym 371.5 / 2.59 vs 216.4 / 2.05 (seed 42;
-            the last three lowest-batch numbers are tuner_vs_autoround's at f773aee).
+            MXFP4 31.74 / 0.290 vs 33.58 / 0.297 (seed 42; these two lowest-batch numbers are
+            tuner_vs_autoround's at f773aee); but W2 g32 asym seeds 42 / 1 371.5 / 204.3 (KL 2.59 /
+            2.006) vs 222.7 / 206.7 (KL 2.11 / 2.004).
         tune_max_bits: in a block that has layers of at most this many bits, the layers with more
             keep round-to-nearest (still quantized in the block's forward, so the others are tuned
             around them); blocks of wider layers only are tuned whole. In mixed-bit plans the wide
