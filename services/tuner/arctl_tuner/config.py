@@ -52,9 +52,10 @@ class TuneConfig:
             WikiText-2 ppl / KL; last step vs lowest batch loss; auto-round 0.16.1 on the same
             samples): W3 g64 seeds 42 / 1 / 2 47.82 / 49.28 / 49.07 (KL 0.634 / 0.658 / 0.654) vs
             50.53 / 54.89 / 53.54 (KL 0.682 / 0.722 / 0.727; auto-round 48.33 / 52.05 / 50.75, KL
-            0.675 / 0.739 / 0.698); W4 g64 30.86 / 0.205 vs 29.97 / 0.215;
-            MXFP4 31.74 / 0.290 vs 33.58 / 0.297 (seed 42; these two lowest-batch numbers are
-            tuner_vs_autoround's at f773aee); but W2 g32 asym seeds 42 / 1 371.5 / 204.3 (KL 2.59 /
+            0.675 / 0.739 / 0.698); W4 g64 seeds 42 / 1 30.86 / 29.80 (KL 0.205 / 0.197) vs 30.40 /
+            29.51 (KL 0.228 / 0.197): a little higher perplexity, lower or equal KL; MXFP4 31.74 /
+            0.290 vs 33.58 / 0.297 (seed 42; the lowest-batch number is tuner_vs_autoround's at
+            f773aee); but W2 g32 asym seeds 42 / 1 371.5 / 204.3 (KL 2.59 /
             2.006) vs 222.7 / 206.7 (KL 2.11 / 2.004).
         tune_max_bits: in a block that has layers of at most this many bits, the layers with more
             keep round-to-nearest (still quantized in the block's forward, so the others are tuned
