@@ -142,8 +142,10 @@ def tune_block(
     train = q_inputs.shape[0] - held
     sampler = CyclicSampler(train, config.batch_size, seed)
     checks = set(range(0, config.iters + 1, max(1, config.iters // HOLDOUT_CHECKS))) | {config.iters}
+    iters = config.iters if trained else 0
+    keep_last = not held and iters > 0 and lowest_bits >= config.last_min_bits
     best_loss, best_iter, loss_before = float("inf"), 0, float("nan")
-    best = {name: t.snapshot() for name, t in tunables.items()}
+    best = {} if keep_last else {name: t.snapshot() for name, t in tunables.items()}  # nothing to restore: last step
 
     def consider(value: float, step: int) -> None:
         nonlocal best_loss, best_iter, best, loss_before
@@ -153,8 +155,6 @@ def tune_block(
             best_loss, best_iter = value, step
             best = {name: t.snapshot() for name, t in tunables.items()}
 
-    iters = config.iters if trained else 0
-    keep_last = lowest_bits >= config.last_min_bits
     with swapped(block, tunables):
         if not trained:
             consider(float(_mse(run_block(block, q_inputs, kwargs, config.batch_size, dtype), targets)), 0)
@@ -164,10 +164,9 @@ def tune_block(
                 held_out = run_block(block, q_inputs[train:], kwargs, config.batch_size, dtype)
                 consider(float(_mse(held_out, targets[train:])), step)
             if step == iters:
-                if not held and keep_last and iters:
+                if keep_last:
                     final = run_block(block, q_inputs[first_batch], kwargs, config.batch_size, dtype)
                     best_loss, best_iter = float(_mse(final, targets[first_batch])), iters
-                    best = {name: t.snapshot() for name, t in tunables.items()}
                 break
             batch = sampler.next()
             first_batch = first_batch or batch
@@ -175,7 +174,9 @@ def tune_block(
                 output = block_output(block, q_inputs[batch], kwargs)
             loss = _mse(output, targets[batch])
             loss.backward()
-            if not held and (not keep_last or step == 0):
+            if keep_last and step == 0:
+                loss_before = float(loss.detach())
+            elif not held and not keep_last:
                 consider(float(loss.detach()), step)
             for tunable in trained.values():
                 bits = tunable.scheme.bits
@@ -183,8 +184,8 @@ def tune_block(
                 clipping = tunable.clipping_params()
                 signed_step(clipping, linear_decay(config.minmax_lr_for_bits(bits), step, config.iters))
                 clamp_factors(clipping)
-        for name, tunable in tunables.items():
-            tunable.restore(best[name])
+        for name, values in best.items():
+            tunables[name].restore(values)
         quantized = {f"{prefix}{name}": tunable.quantized() for name, tunable in tunables.items()}
     stats = BlockStats(
         loss_before=loss_before,
